@@ -1,0 +1,1 @@
+"""User-facing applications: the ``fewstep`` command line and the Gradio demo."""

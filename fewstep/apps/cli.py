@@ -1,0 +1,56 @@
+"""The ``fewstep`` command line.
+
+Each subcommand lives in its own module that exposes ``register(subparsers)``; the module adds
+its parser and sets ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning
+an exit code). Modules are imported lazily by name so that a missing optional dependency of one
+subcommand (say gradio for ``demo``) never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand module paths; each must define register(subparsers)
+SUBCOMMAND_MODULES = (
+    "fewstep.apps.cmd_sample",
+    "fewstep.apps.cmd_demo",
+    "fewstep.apps.cmd_eval",
+    "fewstep.apps.cmd_ems",
+    "fewstep.apps.cmd_teacher",
+    "fewstep.apps.cmd_guidance",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every importable subcommand registered."""
+    parser = argparse.ArgumentParser(prog="fewstep", description="Few-step diffusion sampling toolkit.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # the subcommand module itself is not written (yet)
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fewstep`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"fewstep {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distillation trainers (consistency distillation, f-distill, DisBack, LCSC)."""
