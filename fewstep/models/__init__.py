@@ -1,0 +1,31 @@
+"""The bundled digits teacher: data split, v-prediction UNet pipeline and FD-digits classifier.
+
+Public API (imported lazily, so ``import fewstep.models`` is cheap):
+
+- :func:`load_digits_split` -- the fixed train/test split of the scikit-learn digits, in [-1, 1].
+- :class:`DigitsPipeline` and :func:`load_digits_pipeline` -- the shipped class-conditional
+  teacher as a diffusers pipeline, loaded offline from package data.
+- :func:`load_digits_classifier` -- the shipped classifier whose penultimate features define
+  FD-digits.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_digits_split": ".digits",
+    "DigitsPipeline": ".pipeline",
+    "DigitsPipelineOutput": ".pipeline",
+    "load_digits_pipeline": ".pipeline",
+    "load_digits_classifier": ".classifier",
+    "DigitsClassifier": ".classifier",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

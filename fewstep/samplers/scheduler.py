@@ -1,0 +1,364 @@
+"""``FewstepScheduler``: the diffusers scheduler contract, implemented once.
+
+A concrete scheduler only implements :meth:`FewstepScheduler._update` (how to move from grid
+point ``i`` to ``i + 1`` given the data prediction ``x0`` at point ``i`` and whatever history it
+keeps) and, optionally, :meth:`FewstepScheduler._plan` (to insert intermediate evaluation points,
+as singlestep solvers do) and :meth:`FewstepScheduler._reset_history`.
+
+What lives here: config handling for SD / SDXL / SD3 / FlowMatch configs, step grids
+(``set_timesteps`` with ``timesteps=`` or ``sigmas=``), ``step_index``/``begin_index``
+bookkeeping for img2img and inpainting, ``scale_model_input``, ``add_noise``,
+``init_noise_sigma``, prediction conversion, dynamic thresholding, the fp32 upcast, finiteness
+checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited from diffusers'
+``SchedulerMixin``/``ConfigMixin``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..schedule import (
+    FLOW_SCHEDULER_CLASSES,
+    GRID_KINDS,
+    PREDICTION_TYPES,
+    Grid,
+    NoiseSchedule,
+    _check_choice,
+    make_grid,
+    to_x0_eps,
+)
+
+
+@dataclass
+class FewstepSchedulerOutput(BaseOutput):
+    """Output of ``step``: ``prev_sample`` is ``x`` at the next grid point; ``pred_original_sample``
+    is the (thresholded, guided) data prediction ``x0`` the step used."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, Sec. 2.3): per sample, ``s`` is the
+    ``ratio`` quantile of ``|x0|`` clamped to ``[1, max_value]``; ``x0`` is clipped to ``[-s, s]``
+    and divided by ``s``. Computed in float32 (``torch.quantile`` needs it; diffusers PR #1349).
+    Meant for pixel-space data predictions, not latents."""
+    dtype = x0.dtype
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """Base class of fewstep's diffusers-compatible schedulers (see the module docstring).
+
+    Conventions: ``timesteps`` are on the training scale (int64 for discrete VP models, like
+    diffusers' DPM schedulers; float32 for flow matching, like ``FlowMatchEulerDiscreteScheduler``);
+    ``sigmas`` are diffusers' public sigmas (``sigma/alpha`` for VP, the flow sigma ``s`` for flow
+    matching, ``sigma`` for EDM) with the final point appended; the solver itself works in float64
+    ``alpha``/``sigma``/``lambda`` arrays.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES)
+    order = 1
+
+    # ---------------------------------------------------------------------- configuration
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Like diffusers' ``from_config``, and a flow-matching config (SD3's
+        ``FlowMatchEulerDiscreteScheduler``) switches on ``use_flow_sigmas``,
+        ``prediction_type="flow_prediction"`` and ``flow_shift=shift`` unless given explicitly,
+        so ``DPMSolverPPScheduler.from_config(sd3_pipe.scheduler.config)`` just works."""
+        cfg = dict(config) if isinstance(config, dict) else {}
+        if cfg.get("_class_name") in FLOW_SCHEDULER_CLASSES:
+            kwargs.setdefault("use_flow_sigmas", True)
+            kwargs.setdefault("prediction_type", "flow_prediction")
+            kwargs.setdefault("flow_shift", float(cfg.get("shift", 1.0)))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _setup(self) -> None:
+        """Validate the config and build the noise schedule; called at the end of ``__init__``."""
+        c = self.config
+        _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
+        _check_choice("final_sigmas_type", c.final_sigmas_type, ("zero", "sigma_min"))
+        flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_lu_lambdas, getattr(c, "use_beta_sigmas", False)]
+        if sum(bool(f) for f in flags) > 1:
+            raise ValueError(
+                "use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive"
+            )
+        if getattr(c, "use_beta_sigmas", False):
+            raise ValueError("use_beta_sigmas is not supported by fewstep; use timestep_spacing='karras' or 'logsnr'")
+        _check_choice("timestep_spacing", c.timestep_spacing, GRID_KINDS)
+        if c.variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log"):
+            raise ValueError(f"variance_type={c.variance_type!r} is not supported")
+        cfg = dict(c)
+        if c.use_flow_sigmas:
+            cfg["schedule_kind"] = "flow"
+        self.schedule = NoiseSchedule.from_config(cfg)
+        if self.schedule.kind == "flow" and c.prediction_type not in ("flow_prediction", "epsilon", "sample"):
+            raise ValueError(f"prediction_type={c.prediction_type!r} is not meaningful with flow sigmas")
+        if self.schedule.kind == "discrete":
+            self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
+        self.init_noise_sigma = 1.0 if self.schedule.kind != "edm" else float(self.schedule.sigma_max)
+        # default state before set_timesteps: every training timestep, like diffusers
+        t_all = np.arange(self.schedule.num_train_timesteps, dtype=np.float64)[::-1].copy()
+        if self.schedule.kind == "flow":
+            t_all = t_all + 1.0
+        self._install(Grid(t_all, self.schedule.alpha(t_all), self.schedule.sigma(t_all)), device=None)
+        self.num_inference_steps = None
+
+    @property
+    def grid_spacing(self) -> str:
+        """The effective step-grid kind after mapping diffusers' boolean flags onto it."""
+        c = self.config
+        if c.use_karras_sigmas:
+            return "karras"
+        if c.use_lu_lambdas:
+            return "logsnr"
+        if c.use_exponential_sigmas:
+            return "exponential"
+        return c.timestep_spacing
+
+    # ---------------------------------------------------------------------- timesteps
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Set the sampling grid (call before sampling).
+
+        Args:
+            num_inference_steps: number of model evaluations (steps). Exactly one of this,
+                ``timesteps`` and ``sigmas`` must be given.
+            device: where ``timesteps`` live.
+            timesteps: explicit decreasing model times on the training scale.
+            sigmas: explicit decreasing public sigmas (``sigma/alpha`` for VP, flow sigma for flow
+                matching); a trailing ``0`` is taken as the final point.
+            mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
+        """
+        given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`")
+        if mu is not None:
+            if self.schedule.kind != "flow":
+                raise ValueError("`mu` (dynamic shifting) only applies to flow-matching schedules")
+            self.schedule.shift = float(math.exp(mu))
+        c = self.config
+        grid = make_grid(
+            self.schedule,
+            num_inference_steps,
+            self.grid_spacing,
+            steps_offset=int(getattr(c, "steps_offset", 0) or 0),
+            rho=float(getattr(c, "karras_rho", 7.0)),
+            final_sigma=c.final_sigmas_type,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            round_timesteps=bool(getattr(c, "round_timesteps", True)) and self.schedule.kind == "discrete",
+        )
+        grid = self._plan(grid, num_inference_steps)
+        self._install(grid, device)
+        self._step_index = None
+        self._begin_index = None
+        self._reset_history()
+
+    def _install(self, grid: Grid, device) -> None:
+        """Store a grid: float64 arrays for the solver, diffusers-style public tensors."""
+        self._alphas = np.asarray(grid.alphas, dtype=np.float64)
+        self._sigmas = np.asarray(grid.sigmas, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            self._lambdas = np.log(self._alphas) - np.log(self._sigmas)
+        kind = self.schedule.kind
+        if kind == "discrete" and bool(getattr(self.config, "round_timesteps", True)):
+            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.int64)
+            public = self._sigmas / self._alphas
+        elif kind == "discrete":
+            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
+            public = self._sigmas / self._alphas
+        else:
+            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
+            public = self._sigmas if kind == "flow" else self._sigmas / self._alphas
+        self.sigmas = torch.from_numpy(public.astype(np.float32))
+        self.num_inference_steps = len(grid.timesteps)
+
+    def _plan(self, grid: Grid, num_inference_steps: int | None) -> Grid:
+        """Hook: turn the step grid into the list of evaluation points (default: unchanged)."""
+        return grid
+
+    def _reset_history(self) -> None:
+        """Hook: forget all per-generation state (called by ``set_timesteps``)."""
+
+    # ---------------------------------------------------------------------- index bookkeeping
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current grid point; advances by one per ``step``."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First index, set by img2img/inpaint pipelines through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start sampling at grid index ``begin_index`` (img2img ``strength < 1``)."""
+        if not 0 <= int(begin_index) < len(self.timesteps):
+            raise ValueError(f"begin_index={begin_index} is outside [0, {len(self.timesteps) - 1}]")
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Grid index of ``timestep``; like diffusers, the second match when a time repeats and the
+        last index when it is not on the grid."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule_timesteps.device)
+        cand = (schedule_timesteps == timestep).nonzero()
+        if len(cand) == 0:
+            return len(self.timesteps) - 1
+        return int(cand[1 if len(cand) > 1 else 0].item())
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    # ---------------------------------------------------------------------- small contract items
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Identity: fewstep schedulers feed the model ``x_t`` as is (VP and flow convention)."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def alpha_sigma(self, index: int | None = None) -> tuple[float, float]:
+        """``(alpha, sigma)`` of grid point ``index`` (default: the current step) as floats."""
+        i = self._current_index() if index is None else int(index)
+        return float(self._alphas[i]), float(self._sigmas[i])
+
+    def _current_index(self) -> int:
+        if self._step_index is not None:
+            return self._step_index
+        return self._begin_index or 0
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward-noise ``original_samples`` to ``timesteps``: ``alpha x0 + sigma noise``.
+
+        After ``set_begin_index`` (img2img) the noise level of the begin point is used (so it
+        matches the grid exactly even when model times were rounded); otherwise each timestep's
+        grid point, or the schedule itself for times off the grid (training use).
+        """
+        if original_samples.shape != noise.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {tuple(original_samples.shape)}")
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if self._begin_index is not None or self._step_index is not None:
+            i = self._step_index if self._step_index is not None else self._begin_index
+            a = np.full(len(timesteps), self._alphas[i])
+            s = np.full(len(timesteps), self._sigmas[i])
+        else:
+            a, s = [], []
+            grid_t = self.timesteps.cpu()
+            for t in timesteps.cpu():
+                hit = (grid_t == t.to(grid_t.dtype)).nonzero()
+                if len(hit):
+                    i = self.index_for_timestep(t.to(grid_t.dtype), grid_t)
+                    a.append(self._alphas[i])
+                    s.append(self._sigmas[i])
+                else:
+                    a.append(float(self.schedule.alpha(float(t))))
+                    s.append(float(self.schedule.sigma(float(t))))
+            a, s = np.asarray(a), np.asarray(s)
+        if len(a) == 1 and original_samples.shape[0] > 1:
+            a, s = np.repeat(a, original_samples.shape[0]), np.repeat(s, original_samples.shape[0])
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = torch.tensor(a, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
+        s = torch.tensor(s, dtype=original_samples.dtype, device=original_samples.device).reshape(shape)
+        return a * original_samples + s * noise
+
+    # ---------------------------------------------------------------------- the step
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+        renoise_eps: torch.Tensor | None = None,
+    ) -> FewstepSchedulerOutput | tuple:
+        """Advance ``sample`` from the current grid point to the next one.
+
+        Args:
+            model_output: raw model output of type ``config.prediction_type`` at ``sample``.
+            timestep: the current model time (used to find the index on the first call).
+            sample: current ``x_t``; computed on in float32, returned in ``model_output.dtype``.
+            generator: RNG for the noise of SDE solvers (drawn with diffusers' ``randn_tensor``
+                in the same order as diffusers, so equal generators give equal noise).
+            variance_noise: explicit noise for SDE solvers instead of ``generator``.
+            renoise_eps: CFG++ renoise protocol (Chung et al. 2024, Eq. 9): when given, the step
+                restarts from ``alpha_s x0 + sigma_s renoise_eps`` (the guided data prediction
+                renoised with the *unconditional* noise) instead of ``sample``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(...) before step(...)")
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be torch tensors")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise ValueError(f"step called {i + 1} times but the grid has {len(self.timesteps)} steps")
+        c = self.config
+        out = model_output
+        if c.variance_type in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
+            out = out[:, : sample.shape[1]]
+        if out.shape != sample.shape:
+            raise ValueError(
+                f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
+                f"at step {i}"
+            )
+        if getattr(c, "check_finite", True) and not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(
+                f"model output at step {i} (timestep {float(self.timesteps[i])}) contains NaN or inf"
+            )
+        x = sample.to(torch.float32)
+        out32 = out.to(torch.float32)
+        a_s, s_s = self._alphas[i], self._sigmas[i]
+        x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type)
+        if c.thresholding:
+            x0 = threshold_x0(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        if renoise_eps is not None:
+            if not getattr(self, "supports_renoise", False):
+                raise ValueError(f"{type(self).__name__} does not support the CFG++ renoise protocol")
+            x = a_s * x0 + s_s * renoise_eps.to(torch.float32)
+        noise = None
+        if self._needs_noise():
+            if variance_noise is not None:
+                noise = variance_noise.to(device=out.device, dtype=torch.float32)
+            else:
+                from diffusers.utils.torch_utils import randn_tensor
+
+                noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+        prev = self._update(i, x, x0, noise)
+        self._step_index = i + 1
+        prev = prev.to(model_output.dtype)
+        if not return_dict:
+            return (prev, x0)
+        return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _needs_noise(self) -> bool:
+        return False
+
+    def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """Move ``x`` from grid point ``i`` to ``i + 1`` given the data prediction ``x0`` at ``i``."""
+        raise NotImplementedError
+
+    def _describe(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
+        return {"timesteps": self.timesteps.tolist(), "sigmas": self.sigmas.tolist()}
