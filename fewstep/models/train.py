@@ -207,7 +207,7 @@ def train_teacher(
         opt.step()
         decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
         _ema_update(ema, model, decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         done = step + 1
