@@ -349,7 +349,9 @@ def make_grid(
     with ``schedule.shift`` applied.
 
     ``final_sigma``: ``"zero"`` ends the grid at ``sigma = 0`` (sample to the data), ``"sigma_min"``
-    at the schedule's smallest noise level.
+    at the schedule's smallest noise level. With ``sigma_min`` the lambda-based grids (``logsnr``,
+    ``karras``, ``exponential``) place ``n + 1`` points so the last step ends on ``sigma_min``
+    (diffusers instead repeats ``sigma_min``, a zero-length step that wastes one evaluation).
 
     ``round_timesteps`` (default: true for discrete schedules) rounds model times to integers the
     way diffusers does; the solver still uses the exact (unrounded) noise levels, as diffusers'
@@ -376,6 +378,7 @@ def make_grid(
     n_train = schedule.num_train_timesteps
 
     exact_t = None  # model times that index the schedule exactly
+    t_end = None  # end point of lambda grids with final_sigma="sigma_min"
     if timesteps is not None:
         t = np.asarray(timesteps, dtype=np.float64)
         _check_monotone("timesteps", t)
@@ -393,8 +396,15 @@ def make_grid(
     elif schedule.kind == "flow":
         t = _flow_grid(schedule, num_inference_steps, spacing, rho)
     else:
-        t = _grid_times(schedule, num_inference_steps, spacing, steps_offset, rho)
-        if spacing in ("linspace", "leading", "trailing"):
+        lam_grid = spacing in ("logsnr", "karras", "exponential")
+        if lam_grid and final_sigma == "sigma_min":
+            # n + 1 points down to sigma_min, the last being the end point: diffusers appends
+            # sigma_min after a grid that already ends there, a zero-length step that wastes an NFE
+            t_all = _grid_times(schedule, num_inference_steps + 1, spacing, steps_offset, rho)
+            t, t_end = t_all[:-1], float(t_all[-1])
+        else:
+            t = _grid_times(schedule, num_inference_steps, spacing, steps_offset, rho)
+        if not lam_grid:
             exact_t = t
 
     alphas, sig = schedule.alpha(t), schedule.sigma(t)
@@ -407,7 +417,7 @@ def make_grid(
     if final_sigma == "zero":
         a_end, s_end = 1.0, 0.0
     else:
-        t_end = schedule.t_min
+        t_end = schedule.t_min if t_end is None else t_end
         a_end, s_end = float(schedule.alpha(t_end)), float(schedule.sigma(t_end))
     return Grid(
         timesteps=np.asarray(t, dtype=np.float64),

@@ -298,7 +298,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         Args:
             model_output: raw model output of type ``config.prediction_type`` at ``sample``.
             timestep: the current model time (used to find the index on the first call).
-            sample: current ``x_t``; computed on in float32, returned in ``model_output.dtype``.
+            sample: current ``x_t``; computed on in at least float32 (fp16/bf16 are upcast, like
+                diffusers; float64 stays float64), returned in ``model_output.dtype``.
             generator: RNG for the noise of SDE solvers (drawn with diffusers' ``randn_tensor``
                 in the same order as diffusers, so equal generators give equal noise).
             variance_noise: explicit noise for SDE solvers instead of ``generator``.
@@ -328,8 +329,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise FloatingPointError(
                 f"model output at step {i} (timestep {float(self.timesteps[i])}) contains NaN or inf"
             )
-        x = sample.to(torch.float32)
-        out32 = out.to(torch.float32)
+        work = torch.promote_types(sample.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+        x = sample.to(work)
+        out32 = out.to(work)
         a_s, s_s = self._alphas[i], self._sigmas[i]
         x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type)
         if c.thresholding:
@@ -337,15 +339,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if renoise_eps is not None:
             if not getattr(self, "supports_renoise", False):
                 raise ValueError(f"{type(self).__name__} does not support the CFG++ renoise protocol")
-            x = a_s * x0 + s_s * renoise_eps.to(torch.float32)
+            x = a_s * x0 + s_s * renoise_eps.to(work)
         noise = None
         if self._needs_noise():
             if variance_noise is not None:
-                noise = variance_noise.to(device=out.device, dtype=torch.float32)
+                noise = variance_noise.to(device=out.device, dtype=work)
             else:
                 from diffusers.utils.torch_utils import randn_tensor
 
-                noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+                noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=torch.float32).to(work)
         prev = self._update(i, x, x0, noise)
         self._step_index = i + 1
         prev = prev.to(model_output.dtype)

@@ -1,0 +1,114 @@
+"""CLIP score from a local CLIP model directory (offline), with torchmetrics' definition.
+
+``CLIPScore = max(mean_i 100 * cos(E_img(x_i), E_txt(p_i)), 0)``: per pair 100 x the cosine of
+the L2-normalised image and text embeddings, averaged, and the *mean* clamped at 0 - exactly
+``torchmetrics.multimodal.CLIPScore`` (the paper of Hessel et al. 2021 uses ``2.5 * max(cos, 0)``
+per sample instead; values are not comparable across those conventions or across CLIP models).
+
+No CLIP weights ship on PyPI (eval.md section 4), so the model is any local directory that
+``transformers.CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained`` accept
+(``local_files_only=True``; nothing is downloaded).
+
+Double-rescale guard: ``CLIPImageProcessor`` multiplies by 1/255 unconditionally, so float
+images in [0, 1] would be rescaled twice, silently (eval.md section 1.1). Images are therefore
+always converted to uint8 first: uint8 passes, float in [0, 1] is rounded ``round(x*255)``,
+anything else is a ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .preprocess import to_rgb, to_uint8
+
+__all__ = ["CLIPScorer", "clip_score"]
+
+
+class CLIPScorer:
+    """Embeds image/prompt pairs with a local CLIP model and scores them (see module docstring).
+
+    ``CLIPScorer(model_dir, device="cpu")``; or ``CLIPScorer.from_model(model, processor)``.
+    :meth:`pair_scores` returns the per-pair ``100 * cos`` (float64), :meth:`score` the clamped
+    mean.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu", *, model=None, processor=None):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if model is None:
+            if model_dir is None:
+                raise ValueError("clip_model: pass a local CLIP model directory (no weights ship with fewstep)")
+            p = Path(model_dir)
+            if not p.is_dir():
+                raise FileNotFoundError(
+                    f"clip_model: {str(p)!r} is not a directory; pass a local CLIP model saved with "
+                    "save_pretrained (e.g. a downloaded openai/clip-vit-base-patch16)"
+                )
+            model = CLIPModel.from_pretrained(str(p), local_files_only=True)
+            processor = CLIPProcessor.from_pretrained(str(p), local_files_only=True)
+        if processor is None:
+            raise ValueError("processor must be given together with model")
+        from .features import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.processor = processor
+
+    @classmethod
+    def from_model(cls, model, processor, device: str | torch.device = "cpu") -> "CLIPScorer":
+        """Wrap an already loaded ``CLIPModel`` and ``CLIPProcessor``."""
+        return cls(model=model, processor=processor, device=device)
+
+    @staticmethod
+    def _embedding(out) -> torch.Tensor:
+        # transformers >= 5 may return a model output instead of a tensor
+        if isinstance(out, torch.Tensor):
+            return out
+        for key in ("image_embeds", "text_embeds", "pooler_output"):
+            v = getattr(out, key, None)
+            if v is not None:
+                return v
+        raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
+
+    @torch.no_grad()
+    def pair_scores(self, images, prompts: list[str]) -> torch.Tensor:
+        """``100 * cos`` per (image, prompt) pair, float64 (B,).
+
+        ``images``: uint8 (B, C, H, W) or float in [0, 1] (rounded to uint8), or a list of
+        (C, H, W) tensors; C in {1, 3, 4} (grey replicated, alpha dropped).
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of str")
+        if isinstance(images, (list, tuple)):
+            imgs = [to_rgb(to_uint8(im).unsqueeze(0))[0] for im in images]
+        elif isinstance(images, torch.Tensor) and images.ndim == 4:
+            imgs = list(to_rgb(to_uint8(images)))
+        else:
+            raise TypeError("images must be a (B, C, H, W) tensor or a list of (C, H, W) tensors")
+        if len(imgs) != len(prompts):
+            raise ValueError(f"got {len(imgs)} images but {len(prompts)} prompts")
+        pix = self.processor(images=[im.cpu() for im in imgs], return_tensors="pt")["pixel_values"]
+        img = self._embedding(self.model.get_image_features(pixel_values=pix.to(self.device)))
+        tok = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.model.config.text_config.max_position_embeddings)
+        txt = self._embedding(self.model.get_text_features(
+            input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)))
+        img = img.double() / img.double().norm(dim=-1, keepdim=True)
+        txt = txt.double() / txt.double().norm(dim=-1, keepdim=True)
+        return (100.0 * (img * txt).sum(-1)).cpu()
+
+    def score(self, images, prompts: list[str], batch_size: int = 32) -> float:
+        """Clamped mean CLIP score over all pairs (torchmetrics ``CLIPScore`` definition)."""
+        n = len(prompts)
+        s = torch.cat([self.pair_scores(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, n, batch_size)])
+        return max(float(s.mean()), 0.0)
+
+
+def clip_score(images, prompts: list[str], clip_model: str | os.PathLike | CLIPScorer, device="cpu", batch_size: int = 32) -> float:
+    """CLIP score of ``images`` against ``prompts`` with a local model directory or a
+    :class:`CLIPScorer`; see the module docstring for the definition and input conventions."""
+    scorer = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model, device)
+    return scorer.score(images, prompts, batch_size)

@@ -1,0 +1,169 @@
+"""FD-digits: Frechet distance on the bundled digits classifier's features, plus accuracy.
+
+The digits analogue of FID for the small teacher (issue 3): generated 8x8 digits and the
+held-out real digits (``load_digits_split("test")``, 360 images) are embedded with the digits
+classifier's penultimate features (``classifier.features(x)``), and
+:func:`fewstep.eval.frechet.frechet_distance` (float64, eigenvalue method) compares the two
+Gaussians. When the intended labels of the generated images are known, the classifier's
+accuracy on them (argmax of ``classifier(x)``) is reported too.
+
+Image convention (:func:`digits_prepare`): uint8 (C, H, W) or (B, C, H, W) images; channels
+averaged to grey (exact for grey PNGs saved as L or RGB), area-averaged down to 8x8 in float
+(``adaptive_avg_pool2d``: an exact area average when H and W are multiples of 8, e.g. an 8x8
+image upscaled by nearest), then mapped ``[0, 255] -> [-1, 1]`` by ``x / 127.5 - 1`` without
+re-quantising. Float input in [0, 1] is first rounded to uint8 (see
+:func:`fewstep.eval.preprocess.to_uint8`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .frechet import FeatureStats
+from .preprocess import to_uint8
+
+__all__ = ["digits_prepare", "DigitsFeatures", "load_classifier", "digits_reference_images", "fd_digits"]
+
+DIGITS_SIZE = 8
+_MISSING = (
+    "the digits classifier is not available: fewstep.models.classifier.load_digits_classifier "
+    "could not be imported (it ships with the digits teacher, issue 3)"
+)
+
+
+def digits_prepare(images: torch.Tensor) -> torch.Tensor:
+    """Images -> float (B, 1, 8, 8) in [-1, 1] for the digits classifier (see module docstring).
+    A single (C, H, W) image gives (1, 8, 8)."""
+    single = images.ndim == 3
+    x = to_uint8(images.unsqueeze(0) if single else images)
+    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
+        raise ValueError(f"images must be (B, C, H, W) with C in (1, 3, 4), got {tuple(x.shape)}")
+    if x.shape[-1] < DIGITS_SIZE or x.shape[-2] < DIGITS_SIZE:
+        raise ValueError(f"digit images must be at least 8x8, got {tuple(x.shape[-2:])}")
+    x = x[:, :3].float().mean(1, keepdim=True)
+    x = F.adaptive_avg_pool2d(x, DIGITS_SIZE)
+    x = x / 127.5 - 1.0
+    return x[0] if single else x
+
+
+def load_classifier() -> nn.Module:
+    """The bundled digits classifier (``fewstep.models.classifier.load_digits_classifier()``).
+    Raises ImportError with an explanation when it is not available."""
+    try:
+        from fewstep.models.classifier import load_digits_classifier
+    except ImportError as err:
+        raise ImportError(_MISSING) from err
+    return load_digits_classifier()
+
+
+class DigitsFeatures(nn.Module):
+    """Feature extractor for the :mod:`fewstep.eval.features` pipeline around a digits
+    classifier: ``embed(x)`` is ``classifier.features(x)`` on prepared (B, 1, 8, 8) input.
+
+    ``classifier`` defaults to :func:`load_classifier`; any module with ``features(x)`` -> (B, D)
+    and ``forward(x)`` -> logits (B, 10) works (tests use a small stand-in). ``name`` is
+    recorded in statistics files so statistics of different classifiers are never compared.
+    """
+
+    def __init__(self, classifier: nn.Module | None = None, name: str = "fewstep-digits-classifier"):
+        super().__init__()
+        self.classifier = (classifier if classifier is not None else load_classifier()).eval()
+        self.name = name
+        with torch.no_grad():
+            self.num_features = int(self.classifier.features(torch.zeros(1, 1, DIGITS_SIZE, DIGITS_SIZE)).shape[-1])
+
+    def meta(self) -> dict:
+        """Extractor and preprocessing identifiers recorded in statistics."""
+        return {"extractor": self.name, "preprocess": "gray-area8-pm1", "dim": self.num_features}
+
+    def prepare_fn(self):
+        """Per-image preprocessing for data loaders: :func:`digits_prepare` (picklable)."""
+        return digits_prepare
+
+    @torch.no_grad()
+    def embed(self, prepared: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, D) of prepared (B, 1, 8, 8) input."""
+        dev = next(self.classifier.parameters()).device
+        return self.classifier.features(prepared.to(dev, torch.float32)).float()
+
+    @torch.no_grad()
+    def logits(self, prepared: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, 10) of prepared input."""
+        dev = next(self.classifier.parameters()).device
+        return self.classifier(prepared.to(dev, torch.float32)).float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of raw images (uint8 or [0, 1] float, any size >= 8)."""
+        return self.embed(digits_prepare(images))
+
+
+def digits_reference_images(size: int = 8, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out real digits as uint8 RGB images (N, 3, size, size) and their labels.
+
+    ``load_digits_split(split)`` gives float [-1, 1] 8x8 images; they are quantised with
+    ``round((x + 1) * 127.5)`` and upsampled by nearest neighbour (pixel replication) by the
+    integer factor ``size / 8``, then replicated to 3 channels. This is the ``digits`` reference
+    of ``fewstep eval fid``.
+    """
+    if not isinstance(size, int) or size < DIGITS_SIZE or size % DIGITS_SIZE:
+        raise ValueError(f"size must be a positive multiple of 8, got {size!r}")
+    try:
+        from fewstep.models.digits import load_digits_split
+    except ImportError as err:
+        raise ImportError("fewstep.models.digits (the digits data set, issue 3) is not available") from err
+    x, y = load_digits_split(split)
+    u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    k = size // DIGITS_SIZE
+    u8 = u8.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    return u8.expand(-1, 3, -1, -1).contiguous(), y
+
+
+def fd_digits(
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    extractor: DigitsFeatures | None = None,
+    reference: FeatureStats | torch.Tensor | None = None,
+    batch_size: int = 500,
+) -> dict:
+    """FD-digits of generated digit images against the held-out real digits.
+
+    Args:
+        images: uint8 (N, C, H, W) or float in [0, 1], any size >= 8 (see module docstring).
+        labels: intended classes (N,) int; when given, ``accuracy`` is the fraction the
+            classifier assigns to them.
+        extractor: a :class:`DigitsFeatures` (default: the bundled classifier).
+        reference: reference statistics, or real images in [-1, 1] (M, 1, 8, 8); default
+            ``load_digits_split("test")``.
+    Returns:
+        ``{"fd": float, "accuracy": float | None, "n": N, "n_ref": M}``.
+    """
+    extractor = extractor if extractor is not None else DigitsFeatures()
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError("images must be a (N, C, H, W) tensor")
+    x = digits_prepare(images)
+    feats, logits = [], []
+    for i in range(0, len(x), batch_size):
+        feats.append(extractor.embed(x[i : i + batch_size]).cpu())
+        if labels is not None:
+            logits.append(extractor.logits(x[i : i + batch_size]).cpu())
+    gen = FeatureStats.from_features(torch.cat(feats), extractor.meta())
+    if reference is None:
+        from fewstep.models.digits import load_digits_split
+
+        reference = load_digits_split("test")[0]
+    if isinstance(reference, torch.Tensor):
+        ref_feats = torch.cat([extractor.embed(reference[i : i + batch_size]).cpu() for i in range(0, len(reference), batch_size)])
+        reference = FeatureStats.from_features(ref_feats, extractor.meta())
+    from .metrics import check_sample_size
+
+    check_sample_size(gen.n, gen.dim, "generated images")
+    check_sample_size(reference.n, reference.dim, "reference images")
+    out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().flatten()
+        if len(labels) != len(images):
+            raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+        out["accuracy"] = float((torch.cat(logits).argmax(1) == labels).float().mean())
+    return out
