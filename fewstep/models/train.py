@@ -63,6 +63,7 @@ DEFAULT_TEACHER_CONFIG: dict[str, Any] = {
         "beta_schedule": "squaredcos_cap_v2",
         "prediction_type": "v_prediction",
         "clip_sample": False,
+        "timestep_spacing": "trailing",
     },
 }
 
