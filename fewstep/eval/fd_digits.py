@@ -130,7 +130,8 @@ def fd_digits(
     """FD-digits of generated digit images against the held-out real digits.
 
     Args:
-        images: uint8 (N, C, H, W) or float in [0, 1], any size >= 8 (see module docstring).
+        images: uint8 (N, C, H, W) or float in [0, 1], any size >= 8 (see module docstring),
+            or a list of (C, H, W) images (sizes may differ).
         labels: intended classes (N,) int; when given, ``accuracy`` is the fraction the
             classifier assigns to them.
         extractor: a :class:`DigitsFeatures` (default: the bundled classifier).
@@ -140,9 +141,12 @@ def fd_digits(
         ``{"fd": float, "accuracy": float | None, "n": N, "n_ref": M}``.
     """
     extractor = extractor if extractor is not None else DigitsFeatures()
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError("images must be a (N, C, H, W) tensor")
-    x = digits_prepare(images)
+    if isinstance(images, (list, tuple)):
+        x = torch.stack([digits_prepare(im) for im in images]) if len(images) else torch.zeros(0, 1, 8, 8)
+    elif isinstance(images, torch.Tensor) and images.ndim == 4:
+        x = digits_prepare(images)
+    else:
+        raise TypeError("images must be a (N, C, H, W) tensor or a list of (C, H, W) tensors")
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
         feats.append(extractor.embed(x[i : i + batch_size]).cpu())

@@ -33,14 +33,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     ``d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})``
     (Dowson & Landau 1982; Heusel et al. 2017, eq. 6 of the FID paper).
 
-    The trace of the matrix square root is taken as ``sum(sqrt(eigvals(sigma1 @ sigma2)))``
-    (real part), the eigenvalue method of torch-fidelity >= 0.4 and torchmetrics: the
-    eigenvalues of ``sigma1 sigma2`` are those of the PSD matrix ``sigma1^{1/2} sigma2
-    sigma1^{1/2}``, so this equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` used by pytorch-fid,
-    clean-fid and NVlabs, without sqrtm's cost. Everything runs in float64 on the CPU; float32
-    is badly wrong here (eval.md section 3: 13.88 instead of 19.93). Tiny negative eigenvalues
-    from rank-deficient covariances (fewer samples than dimensions) give complex roots whose
-    real part is ~0, as in the references.
+    The trace of the matrix square root is computed in float64 by the eigenvalue method: the
+    eigenvalues of ``sigma1 sigma2`` (what torch-fidelity >= 0.4 and torchmetrics take with a
+    general ``eigvals``) equal those of the symmetric PSD matrix ``M = S sigma2 S`` with
+    ``S = sigma1^{1/2}``, so ``tr((sigma1 sigma2)^{1/2}) = sum_i sqrt(eigvalsh(M)_i)``. ``S``
+    comes from ``eigh(sigma1)``. Two symmetric eigendecompositions are ~3x faster than one
+    general one at D=2048 and give no spurious imaginary parts; tiny negative eigenvalues from
+    rank-deficient covariances (fewer samples than dimensions) are clamped to 0. The value
+    equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` (pytorch-fid, clean-fid, NVlabs) to rounding.
+    float32 is badly wrong here (eval.md section 3: 13.88 instead of 19.93).
 
     Args:
         mu1, mu2: mean vectors, shape (D,). Tensors or numpy arrays, any float dtype.
@@ -61,8 +62,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains non-finite values")
     diff = mu1 - mu2
-    eig = torch.linalg.eigvals(sigma1 @ sigma2)
-    tr_covmean = eig.sqrt().real.sum()
+    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    s1_half = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = s1_half @ sigma2 @ s1_half
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     fd = diff.dot(diff) + sigma1.trace() + sigma2.trace() - 2.0 * tr_covmean
     return float(fd)
 
@@ -199,9 +202,10 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        """Read an ``.npz`` written by :meth:`save`, or a foreign one with ``mu``/``sigma`` keys
-        (then ``n`` defaults to 0 meaning unknown is not allowed: ``n`` must be present, else 2 is
-        assumed for the sums and meta records ``n_unknown``)."""
+        """Read an ``.npz`` written by :meth:`save`, or a foreign one with only ``mu``/``sigma``
+        (NVlabs/EDM, clean-fid): its count is unknown, so ``n`` is set to 2 (only mean and
+        covariance matter for FID) and ``meta["n_unknown"] = True``; its missing extractor and
+        preprocessing make comparisons warn rather than fail."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"statistics file not found: {path}")

