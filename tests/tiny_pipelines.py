@@ -34,15 +34,15 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 #: the scheduler keywords Stable Diffusion 1.x/2.x and SDXL checkpoints ship
-SD_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
 
 SD_SIZE = 32  # image px of SD / SDXL / img2img (latents 16x16)
 SD3_SIZE = 32  # image px of SD3 (latents 16x16)
@@ -151,7 +151,7 @@ def _sd_scheduler(kind: str):
 
 def tiny_sd_img2img(seed: int = 0, scheduler: str = "pndm") -> StableDiffusionImg2ImgPipeline:
     """The img2img pipeline over the components of :func:`tiny_sd` (same seed, same weights)."""
-    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd(seed, scheduler).components)
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd(seed, scheduler).components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -245,12 +245,12 @@ def sd_inputs(seed: int = 0, batch: int = 1) -> dict:
     """Call kwargs for :func:`tiny_sd`: seeded ``prompt_embeds`` / ``negative_prompt_embeds``
     (batch, 77, 32) and ``height = width = 32``."""
     g = torch.Generator().manual_seed(seed)
-    return dict(
-        prompt_embeds=_randn((batch, TEXT_LEN, SD_TEXT_DIM), g),
-        negative_prompt_embeds=_randn((batch, TEXT_LEN, SD_TEXT_DIM), g),
-        height=SD_SIZE,
-        width=SD_SIZE,
-    )
+    return {
+        "prompt_embeds": _randn((batch, TEXT_LEN, SD_TEXT_DIM), g),
+        "negative_prompt_embeds": _randn((batch, TEXT_LEN, SD_TEXT_DIM), g),
+        "height": SD_SIZE,
+        "width": SD_SIZE,
+    }
 
 
 def sd_img2img_inputs(seed: int = 0, batch: int = 1, strength: float = 0.6) -> dict:
@@ -269,25 +269,25 @@ def sdxl_inputs(seed: int = 0, batch: int = 1) -> dict:
     """Call kwargs for :func:`tiny_sdxl`: seeded ``prompt_embeds`` (batch, 77, 64),
     ``pooled_prompt_embeds`` (batch, 32), their negatives, ``height = width = 32``."""
     g = torch.Generator().manual_seed(seed)
-    return dict(
-        prompt_embeds=_randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
-        negative_prompt_embeds=_randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
-        pooled_prompt_embeds=_randn((batch, SDXL_POOLED_DIM), g),
-        negative_pooled_prompt_embeds=_randn((batch, SDXL_POOLED_DIM), g),
-        height=SD_SIZE,
-        width=SD_SIZE,
-    )
+    return {
+        "prompt_embeds": _randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
+        "negative_prompt_embeds": _randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
+        "pooled_prompt_embeds": _randn((batch, SDXL_POOLED_DIM), g),
+        "negative_pooled_prompt_embeds": _randn((batch, SDXL_POOLED_DIM), g),
+        "height": SD_SIZE,
+        "width": SD_SIZE,
+    }
 
 
 def sd3_inputs(seed: int = 0, batch: int = 1) -> dict:
     """Call kwargs for :func:`tiny_sd3`: seeded ``prompt_embeds`` (batch, 77, 32),
     ``pooled_prompt_embeds`` (batch, 64), their negatives, ``height = width = 32``."""
     g = torch.Generator().manual_seed(seed)
-    return dict(
-        prompt_embeds=_randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
-        negative_prompt_embeds=_randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
-        pooled_prompt_embeds=_randn((batch, SD3_POOLED_DIM), g),
-        negative_pooled_prompt_embeds=_randn((batch, SD3_POOLED_DIM), g),
-        height=SD3_SIZE,
-        width=SD3_SIZE,
-    )
+    return {
+        "prompt_embeds": _randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
+        "negative_prompt_embeds": _randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
+        "pooled_prompt_embeds": _randn((batch, SD3_POOLED_DIM), g),
+        "negative_pooled_prompt_embeds": _randn((batch, SD3_POOLED_DIM), g),
+        "height": SD3_SIZE,
+        "width": SD3_SIZE,
+    }
