@@ -48,14 +48,15 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
 
 
-def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
-    Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so the last is 0."""
-    ab_sqrt = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = ab_sqrt[0], ab_sqrt[-1]
+    Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so the last is 0.
+    Runs in the dtype of ``betas`` (float32 for parity with diffusers)."""
+    ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
     ab_sqrt = (ab_sqrt - last) * first / (first - last)
     ab = ab_sqrt**2
-    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
 
 
@@ -87,7 +88,7 @@ def alphas_cumprod_from_config(
         else:
             betas = torch.tensor(_cosine_betas(num_train_timesteps), dtype=torch.float32)
     if rescale_betas_zero_snr:
-        betas = torch.tensor(_zero_terminal_snr(betas.double().numpy()), dtype=torch.float32)
+        betas = _zero_terminal_snr(betas)
     ac = torch.cumprod(1.0 - betas, dim=0)
     if rescale_betas_zero_snr:
         ac[-1] = 2**-24
