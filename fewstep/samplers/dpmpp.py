@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .scheduler import FewstepScheduler
 from ..schedule import Grid
+from .scheduler import FewstepScheduler
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint", "taylor": "heun"}
@@ -92,7 +92,9 @@ def third_order_multistep_update(x, ms, lams, lam_t, a_t, s_t, s_s, noise=None):
     )
 
 
-def third_order_singlestep_update(x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t, s_t, s_s, solver_type="midpoint"):
+def third_order_singlestep_update(
+    x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t, s_t, s_s, solver_type="midpoint"
+):
     """Last stage of DPM-Solver++(3S) (paper Alg. 1 / official ``singlestep_dpm_solver_third_update``)
     with intermediate predictions ``m1`` at ``lam_1 = lam_s + r1 h`` and ``m2`` at ``lam_2 = lam_s + r2 h``.
 
@@ -113,8 +115,8 @@ def third_order_singlestep_update(x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t
 
 
 def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
-    """Per-interval orders of DPM-Solver-fast (Lu et al. 2022a, Sec. 3.4 / official ``get_orders_and_timesteps_for_singlestep_solver``)
-    for ``nfe`` model evaluations. With ``final_zero`` the last evaluation is a first-order step to
+    """Per-interval orders of DPM-Solver-fast (Lu et al. 2022a, Sec. 3.4; the official
+    ``get_orders_and_timesteps_for_singlestep_solver``) for ``nfe`` model evaluations. With ``final_zero`` the last evaluation is a first-order step to
     ``sigma = 0`` (a higher-order stage cannot be placed inside an interval that ends at infinite
     lambda), and the fast schedule covers the other ``nfe - 1``."""
     if final_zero:
