@@ -98,7 +98,8 @@ def third_order_singlestep_update(
     """Last stage of DPM-Solver++(3S) (paper Alg. 1 / official ``singlestep_dpm_solver_third_update``)
     with intermediate predictions ``m1`` at ``lam_1 = lam_s + r1 h`` and ``m2`` at ``lam_2 = lam_s + r2 h``.
 
-    ``midpoint`` (official "dpmsolver"): ``x_t = (sigma_t/sigma_s) x - alpha_t phi1 m0 + (1/r2) alpha_t phi2 (m2 - m0)``;
+    ``midpoint`` (official "dpmsolver"):
+    ``x_t = (sigma_t/sigma_s) x - alpha_t phi1 m0 + (1/r2) alpha_t phi2 (m2 - m0)``;
     ``heun`` (official "taylor"): first and second divided differences from both intermediate points.
     """
     if solver_type == "midpoint":
@@ -116,9 +117,10 @@ def third_order_singlestep_update(
 
 def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
     """Per-interval orders of DPM-Solver-fast (Lu et al. 2022a, Sec. 3.4; the official
-    ``get_orders_and_timesteps_for_singlestep_solver``) for ``nfe`` model evaluations. With ``final_zero`` the last evaluation is a first-order step to
-    ``sigma = 0`` (a higher-order stage cannot be placed inside an interval that ends at infinite
-    lambda), and the fast schedule covers the other ``nfe - 1``."""
+    ``get_orders_and_timesteps_for_singlestep_solver``) for ``nfe`` model evaluations. With
+    ``final_zero`` the last evaluation is a first-order step to ``sigma = 0`` (a higher-order
+    stage cannot be placed inside an interval that ends at infinite lambda), and the fast
+    schedule covers the other ``nfe - 1``."""
     if final_zero:
         return (singlestep_orders(nfe - 1, order, False) if nfe > 1 else []) + [1]
     if order == 3:
