@@ -13,10 +13,13 @@ text encoder pass, fully deterministic), to be used as::
                generator=torch.Generator().manual_seed(0), output_type="latent")
 
 Sizes: SD / SD img2img / SDXL images are 32x32 px with 16x16x4 latents (VAE factor 2); SD3 images
-are 32x32 px with 16x16x4 latents. Everything is float32 on CPU.
+are 32x32 px with 16x16x4 latents. Everything is float32 on CPU. Wrap generations in
+:func:`one_thread` on shared CPUs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from diffusers import (
@@ -52,6 +55,19 @@ SDXL_TEXT_DIM = 64  # SDXL: two CLIP encoders of 32 concatenated
 SDXL_POOLED_DIM = 32  # SDXL pooled embedding (text_encoder_2 projection)
 SD3_TEXT_DIM = 32  # SD3 joint attention width
 SD3_POOLED_DIM = 64  # SD3 pooled embedding (two CLIP projections of 32)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with ``torch.set_num_threads(1)`` (restored after). The tiny models gain nothing
+    from intra-op threads, and on a loaded 2-core machine OpenMP spin-waiting makes a 2-thread
+    generation 10-50x slower than a 1-thread one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -197,6 +213,15 @@ def tiny_sdxl(seed: int = 0, scheduler: str = "euler") -> StableDiffusionXLPipel
     return pipe
 
 
+def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """SD3's scheduler as a checkpoint loads it: ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` built
+    from a config dict that carries ``_class_name`` (as ``scheduler_config.json`` does; a scheduler
+    constructed directly has no ``_class_name`` in its config)."""
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    )
+
+
 def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     """A tiny SD3 pipeline: SD3Transformer2DModel (1 joint block, patch 1, width 32), two CLIP text
     encoders with projection (width 32, pooled 32 + 32), no T5 (``text_encoder_3=None``),
@@ -221,7 +246,7 @@ def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     vae = _vae(seed + 3, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
     pipe = StableDiffusion3Pipeline(
         transformer=_frozen(transformer),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        scheduler=sd3_scheduler(),
         vae=_frozen(vae),
         text_encoder=_frozen(te1),
         tokenizer=tiny_tokenizer(),
