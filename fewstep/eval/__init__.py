@@ -13,14 +13,24 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "frechet_distance": "frechet", "FeatureStats": "frechet",
-    "inception_preprocess": "preprocess", "PREPROCESS_MODES": "preprocess",
-    "InceptionFeatures": "inception", "find_inception_weights": "inception",
-    "FID": "metrics", "KID": "metrics", "fid_from_stats": "metrics", "kernel_inception_distance": "metrics",
-    "open_image_source": "images", "TensorImageSource": "images", "BadImagesError": "images",
+    "frechet_distance": "frechet",
+    "FeatureStats": "frechet",
+    "inception_preprocess": "preprocess",
+    "PREPROCESS_MODES": "preprocess",
+    "InceptionFeatures": "inception",
+    "find_inception_weights": "inception",
+    "FID": "metrics",
+    "KID": "metrics",
+    "fid_from_stats": "frechet",
+    "kernel_inception_distance": "metrics",
+    "open_image_source": "images",
+    "TensorImageSource": "images",
+    "BadImagesError": "images",
     "extract_features": "features",
-    "CLIPScorer": "clip_score", "clip_score": "clip_score",
-    "fd_digits": "fd_digits", "DigitsFeatures": "fd_digits",
+    "CLIPScorer": "clip_score",
+    "clip_score": "clip_score",
+    "fd_digits": "fd_digits",
+    "DigitsFeatures": "fd_digits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,7 +35,14 @@ class CLIPScorer:
     mean.
     """
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu", *, model=None, processor=None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        model=None,
+        processor=None,
+    ):
         from transformers import CLIPModel, CLIPProcessor
 
         if model is None:
@@ -92,10 +99,18 @@ class CLIPScorer:
             raise ValueError(f"got {len(imgs)} images but {len(prompts)} prompts")
         pix = self.processor(images=[im.cpu() for im in imgs], return_tensors="pt")["pixel_values"]
         img = self._embedding(self.model.get_image_features(pixel_values=pix.to(self.device)))
-        tok = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.model.config.text_config.max_position_embeddings)
-        txt = self._embedding(self.model.get_text_features(
-            input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)))
+        tok = self.processor(
+            text=list(prompts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+        )
+        txt = self._embedding(
+            self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
+        )
         img = img.double() / img.double().norm(dim=-1, keepdim=True)
         txt = txt.double() / txt.double().norm(dim=-1, keepdim=True)
         return (100.0 * (img * txt).sum(-1)).cpu()
@@ -103,11 +118,15 @@ class CLIPScorer:
     def score(self, images, prompts: list[str], batch_size: int = 32) -> float:
         """Clamped mean CLIP score over all pairs (torchmetrics ``CLIPScore`` definition)."""
         n = len(prompts)
-        s = torch.cat([self.pair_scores(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, n, batch_size)])
+        s = torch.cat(
+            [self.pair_scores(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, n, batch_size)]
+        )
         return max(float(s.mean()), 0.0)
 
 
-def clip_score(images, prompts: list[str], clip_model: str | os.PathLike | CLIPScorer, device="cpu", batch_size: int = 32) -> float:
+def clip_score(
+    images, prompts: list[str], clip_model: str | os.PathLike | CLIPScorer, device="cpu", batch_size: int = 32
+) -> float:
     """CLIP score of ``images`` against ``prompts`` with a local model directory or a
     :class:`CLIPScorer`; see the module docstring for the definition and input conventions."""
     scorer = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model, device)

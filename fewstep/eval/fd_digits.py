@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frechet import FeatureStats
+from .frechet import FeatureStats, check_sample_size
 from .preprocess import to_uint8
 
 __all__ = ["digits_prepare", "DigitsFeatures", "load_classifier", "digits_reference_images", "fd_digits"]
@@ -158,10 +158,10 @@ def fd_digits(
 
         reference = load_digits_split("test")[0]
     if isinstance(reference, torch.Tensor):
-        ref_feats = torch.cat([extractor.embed(reference[i : i + batch_size]).cpu() for i in range(0, len(reference), batch_size)])
+        ref_feats = torch.cat(
+            [extractor.embed(reference[i : i + batch_size]).cpu() for i in range(0, len(reference), batch_size)]
+        )
         reference = FeatureStats.from_features(ref_feats, extractor.meta())
-    from .metrics import check_sample_size
-
     check_sample_size(gen.n, gen.dim, "generated images")
     check_sample_size(reference.n, reference.dim, "reference images")
     out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}

@@ -146,7 +146,9 @@ def extract_features(
     )
     stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
     local_idx, local_feats, late_bad = [], [], []
-    with tqdm(total=len(keep), desc=f"features {source.description}", unit="img", disable=not progress or rank != 0) as bar:
+    with tqdm(
+        total=len(keep), desc=f"features {source.description}", unit="img", disable=not progress or rank != 0
+    ) as bar:
         for idx, batch, bad_items in loader:
             late_bad += [(source.names[i], e) for i, e in bad_items]
             if batch is not None:

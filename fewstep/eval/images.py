@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ImageSource", "FileImageSource", "TensorImageSource", "open_image_source", "find_bad_images", "BadImagesError"]
+__all__ = [
+    "ImageSource",
+    "FileImageSource",
+    "TensorImageSource",
+    "open_image_source",
+    "find_bad_images",
+    "BadImagesError",
+]
 
 
 class BadImagesError(ValueError):
@@ -81,7 +88,8 @@ class FileImageSource(ImageSource):
         if self.path.is_dir():
             self.kind = "folder"
             files = [
-                p for p in self.path.rglob("*")
+                p
+                for p in self.path.rglob("*")
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
             ]
             self.names = sorted(str(p.relative_to(self.path)) for p in files)
@@ -89,8 +97,10 @@ class FileImageSource(ImageSource):
             self.kind = "zip"
             with zipfile.ZipFile(self.path) as zf:
                 self.names = sorted(
-                    i.filename for i in zf.infolist()
-                    if not i.is_dir() and not any(part.startswith(".") or part == "__MACOSX" for part in i.filename.split("/"))
+                    i.filename
+                    for i in zf.infolist()
+                    if not i.is_dir()
+                    and not any(part.startswith(".") or part == "__MACOSX" for part in i.filename.split("/"))
                 )
         else:
             raise FileNotFoundError(f"image source {str(self.path)!r} is neither a folder nor a zip file")

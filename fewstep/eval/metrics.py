@@ -19,33 +19,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities.data import dim_zero_cat
 
-from .frechet import FeatureStats
+from .frechet import FeatureStats, check_sample_size, fid_from_stats
 from .inception import InceptionFeatures
 
 __all__ = ["FID", "KID", "fid_from_stats", "kernel_inception_distance", "check_sample_size"]
-
-
-def check_sample_size(n: int, dim: int, what: str = "images") -> None:
-    """Raise ValueError for fewer than 2 samples; warn when ``n < dim``: the covariance is then
-    rank-deficient and FID is strongly biased upward at small N (eval.md section 3: 55.8 at
-    n=30 vs 19.9 at n=240 for the same two distributions). Use >= 2048, ideally 10k-50k."""
-    if n < 2:
-        raise ValueError(f"need at least 2 {what} to estimate a covariance, got {n}")
-    if n < dim:
-        warnings.warn(
-            f"only {n} {what} for {dim}-dimensional features: the covariance is rank-deficient and "
-            "the FID estimate is biased upward (it falls as N grows); compare scores only at equal N, "
-            f"and use >= {dim} (ideally 10k-50k) for reportable numbers",
-            stacklevel=3,
-        )
-
-
-def fid_from_stats(gen: FeatureStats, ref: FeatureStats) -> float:
-    """FID between two feature statistics (Heusel et al. 2017): checks both were made with the
-    same extractor and preprocessing, checks sample sizes, then the float64 Frechet distance."""
-    check_sample_size(gen.n, gen.dim, "generated images")
-    check_sample_size(ref.n, ref.dim, "reference images")
-    return gen.frechet_distance(ref)
 
 
 def kernel_inception_distance(
@@ -67,14 +44,18 @@ def kernel_inception_distance(
     real = real.detach().to("cpu", torch.float64)
     fake = fake.detach().to("cpu", torch.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(
+            f"real and fake must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     if not isinstance(subsets, int) or subsets < 1:
         raise ValueError(f"subsets must be a positive int, got {subsets!r}")
     if not isinstance(subset_size, int) or subset_size < 2:
         raise ValueError(f"subset_size must be an int >= 2, got {subset_size!r}")
     n = min(len(real), len(fake))
     if subset_size > n:
-        raise ValueError(f"subset_size={subset_size} exceeds the number of samples ({len(real)} real, {len(fake)} fake)")
+        raise ValueError(
+            f"subset_size={subset_size} exceeds the number of samples ({len(real)} real, {len(fake)} fake)"
+        )
     g = torch.Generator().manual_seed(int(seed))
     scores = []
     for _ in range(subsets):
@@ -96,7 +77,9 @@ class FID(FrechetInceptionDistance):
     side (kept across ``reset()``); :meth:`get_stats` exports either side.
     """
 
-    def __init__(self, feature: torch.nn.Module | None = None, preprocess: str = "tf", inception_weights=None, **kwargs):
+    def __init__(
+        self, feature: torch.nn.Module | None = None, preprocess: str = "tf", inception_weights=None, **kwargs
+    ):
         if feature is None:
             feature = InceptionFeatures(inception_weights, preprocess)
         elif not isinstance(feature, torch.nn.Module):
@@ -146,8 +129,14 @@ class KID(KernelInceptionDistance):
     Returns ``(mean, std)`` float64 tensors.
     """
 
-    def __init__(self, feature: torch.nn.Module | None = None, preprocess: str = "tf", inception_weights=None,
-                 seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        feature: torch.nn.Module | None = None,
+        preprocess: str = "tf",
+        inception_weights=None,
+        seed: int = 0,
+        **kwargs,
+    ):
         if feature is None:
             feature = InceptionFeatures(inception_weights, preprocess)
         with warnings.catch_warnings():
@@ -163,7 +152,13 @@ class KID(KernelInceptionDistance):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """KID mean and std over subsets; see :func:`kernel_inception_distance`."""
         m, s = kernel_inception_distance(
-            dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features),
-            self.subsets, self.subset_size, self.degree, self.gamma, self.coef, self.seed,
+            dim_zero_cat(self.real_features),
+            dim_zero_cat(self.fake_features),
+            self.subsets,
+            self.subset_size,
+            self.degree,
+            self.gamma,
+            self.coef,
+            self.seed,
         )
         return torch.tensor(m, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)

@@ -91,10 +91,10 @@ def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Ten
 
     y0, y1, fy = axis(h)
     x0, x1, fx = axis(w)
-    top_l, top_r = x[:, :, y0][:, :, :, x0], x[:, :, y0][:, :, :, x1]
-    bot_l, bot_r = x[:, :, y1][:, :, :, x0], x[:, :, y1][:, :, :, x1]
-    top = top_l + (top_r - top_l) * fx
-    bot = bot_l + (bot_r - bot_l) * fx
+    # x first: interpolating every source row along x gives TF's "top"/"bottom" rows exactly
+    left, right = x[..., x0], x[..., x1]
+    rows = left + (right - left) * fx
+    top, bot = rows[:, :, y0], rows[:, :, y1]
     return top + (bot - top) * fy[:, None]
 
 

