@@ -30,6 +30,17 @@ SCHEDULE_KINDS = ("discrete", "flow", "edm")
 FLOW_SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
+FLOW_ONLY_KEYS = ("base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal")
+
+
+def is_flow_matching_config(config: Mapping[str, Any]) -> bool:
+    """True for a FlowMatch scheduler config (SD3, Flux): by ``_class_name`` when it was loaded
+    from disk, by keys only FlowMatch schedulers have when it was built in memory."""
+    if config.get("_class_name") in FLOW_SCHEDULER_CLASSES:
+        return True
+    return "shift" in config and any(k in config for k in FLOW_ONLY_KEYS)
+
+
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
@@ -185,15 +196,14 @@ class NoiseSchedule:
             elif (
                 cfg.get("use_flow_sigmas")
                 or cfg.get("prediction_type") == "flow_prediction"
-                or name in FLOW_SCHEDULER_CLASSES
+                or is_flow_matching_config(cfg)
             ):
                 kind = "flow"
             else:
                 kind = "discrete"
         if kind == "flow":
-            shift = cfg.get("flow_shift")
-            if shift is None or (name in FLOW_SCHEDULER_CLASSES and "shift" in cfg):
-                shift = cfg.get("shift", 1.0) if shift is None or "shift" in cfg else shift
+            # fewstep/diffusers-DPM configs say `flow_shift`; FlowMatch configs say `shift`
+            shift = cfg.get("shift") if is_flow_matching_config(cfg) else cfg.get("flow_shift")
             return cls(kind="flow", num_train_timesteps=n, shift=float(shift or 1.0))
         if kind == "edm":
             return cls(

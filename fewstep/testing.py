@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .schedule import NoiseSchedule, from_x0_eps
@@ -107,7 +108,8 @@ def make_gaussian_mixture(
     means = (torch.rand(num_components, dim, generator=g, dtype=torch.float64) * 1.6 - 0.8)
     lo, hi = math.log(var_range[0]), math.log(var_range[1])
     variances = torch.exp(lo + (hi - lo) * torch.rand(num_components, dim, generator=g, dtype=torch.float64))
-    w = torch.distributions.Gamma(torch.full((num_components,), 5.0, dtype=torch.float64), 1.0).sample()
+    # Dirichlet(5) weights from the seed alone (torch's Gamma sampler would use the global RNG)
+    w = torch.from_numpy(np.random.default_rng(seed).gamma(5.0, size=num_components))
     classes = torch.arange(num_components) % num_classes
     return GaussianMixture(means, variances, w / w.sum(), classes)
 

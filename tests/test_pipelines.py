@@ -203,11 +203,7 @@ def test_sd3_in_memory_flowmatch_config_is_recognised():
     its config; DPMSolverPPScheduler.from_config must still see a flow-matching model."""
     cfg = FlowMatchEulerDiscreteScheduler(shift=3.0).config
     ours = DPMSolverPPScheduler.from_config(cfg)
-    if ours.schedule.kind != "flow":
-        pytest.xfail(
-            "core bug: FewstepScheduler.from_config only detects flow matching via config['_class_name'], "
-            "absent from in-memory configs; the result is a VP/epsilon scheduler"
-        )
+    assert ours.schedule.kind == "flow"
     assert ours.config.prediction_type == "flow_prediction" and ours.schedule.shift == 3.0
 
 
@@ -243,12 +239,6 @@ def test_pipeline_save_keeps_scheduler_config(sd, tmp_path):
     assert torch.equal(loaded.timesteps, sched.timesteps) and torch.equal(loaded.sigmas, sched.sigmas)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="core bug: diffusers' loader looks up SchedulerMixin in the module named in model_index.json "
-    "(fewstep.samplers.dpmpp), which does not import it; remove this mark once fixed",
-)
 def test_pipeline_from_pretrained_loads_dpmpp(sd, tmp_path):
     sched = _round_trip_setup(sd, tmp_path)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path)

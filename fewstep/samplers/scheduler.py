@@ -16,6 +16,7 @@ checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited f
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..schedule import (
     Grid,
     NoiseSchedule,
     _check_choice,
+    is_flow_matching_config,
     make_grid,
     to_x0_eps,
 )
@@ -70,15 +72,26 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES)
     order = 1
 
+    def __init_subclass__(cls, **kwargs):
+        """diffusers' pipeline loader resolves the loadable base class *by name* in the module
+        that ``model_index.json`` records (e.g. ``fewstep.samplers.dpmpp``); make ``SchedulerMixin``
+        visible there so ``DiffusionPipeline.from_pretrained`` can load pipelines saved with a
+        fewstep scheduler."""
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not hasattr(module, "SchedulerMixin"):
+            module.SchedulerMixin = SchedulerMixin
+
     # ---------------------------------------------------------------------- configuration
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Like diffusers' ``from_config``, and a flow-matching config (SD3's
         ``FlowMatchEulerDiscreteScheduler``) switches on ``use_flow_sigmas``,
-        ``prediction_type="flow_prediction"`` and ``flow_shift=shift`` unless given explicitly,
+        ``prediction_type="flow_prediction"`` and ``flow_shift=shift`` unless given explicitly
+        (recognised by ``_class_name`` on loaded configs, by FlowMatch-only keys on in-memory ones),
         so ``DPMSolverPPScheduler.from_config(sd3_pipe.scheduler.config)`` just works."""
         cfg = dict(config) if isinstance(config, dict) else {}
-        if cfg.get("_class_name") in FLOW_SCHEDULER_CLASSES:
+        if is_flow_matching_config(cfg):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(cfg.get("shift", 1.0)))
