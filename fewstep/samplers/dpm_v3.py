@@ -1,0 +1,370 @@
+"""DPM-Solver-v3 (Zheng, Lu, Chen, Zhu, NeurIPS 2023, arXiv 2310.13268) as a diffusers scheduler.
+
+With ``y = x / alpha``, ``f = (sigma eps - l x) / alpha`` and the empirical model statistics
+``l, s, b`` (see :mod:`fewstep.samplers.ems`), the exact solution from ``lambda_s`` to ``lambda_t``
+is (paper Eq. 9)
+
+    y_t = e^{L_s - L_t} y_s - e^{-L_t - S_s} int e^{L+S} g dlambda - e^{-L_t} (C_t - C_s - B_s (I_t - I_s))
+
+with ``g_lambda = e^{S_s - S_lambda} f_lambda - e^{S_s} (B_lambda - B_s)`` (paper Eq. 8). The solver
+Taylor-expands ``g`` at ``lambda_s`` (paper Eq. 13):
+
+    y_t ~ A y_s - c_0 g_s - const - sum_{k>=1} c_k g_s^(k),   c_k = e^{L_s - L_t} E_k(s, t)
+
+with the derivatives ``g^(k)`` estimated from previous points (multistep, paper Sec. 3.2) by
+solving the Vandermonde system (``predictor_pseudo=False``) or by divided differences that use
+only the ``k + 1`` newest points ("pseudo-order", paper Sec. 3.3/Theorem 3.4).
+
+Degenerate statistics ``l = 1, s = 0, b = 0`` give ``g = f = -x0`` and closed-form weights
+``A = e^{-h}``, ``c_k = psi_k(h) = e^{-h} int_0^h e^u u^k / k! du`` -- DPM-Solver++'s multistep
+update (order 2 equals DPM-Solver++(2M) with ``solver_type="heun"``, the official "taylor";
+order 3 equals DPM-Solver++(3M)).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from ..schedule import Grid
+from .ems import EMS, resolve_ems_path
+from .scheduler import FewstepScheduler
+
+EMS_FILENAME = "ems.safetensors"
+HALF_REGIONS = ("noisy", "clean")
+
+
+def _psi(h: float, order: int) -> list[float]:
+    """``psi_k(h) = e^{-h} int_0^h e^u u^k / k! du`` for ``k = 0..order-1``
+    (recursion ``psi_k = h^k / k! - psi_{k-1}``, ``psi_0 = -expm1(-h)``)."""
+    out = [-math.expm1(-h)]
+    for k in range(1, order):
+        out.append(h**k / math.factorial(k) - out[-1])
+    return out
+
+
+def derivative_estimates(lams: list[float], gs: list[torch.Tensor], pseudo: bool) -> list[torch.Tensor]:
+    """``[g^(1), ..., g^(n)]`` at ``lams[0]`` from the values ``gs`` at ``lams`` (``n = len - 1``).
+
+    ``pseudo=False``: the interpolating polynomial through all points (Vandermonde solve,
+    ``g_j - g_0 = sum_k g^(k) d_j^k / k!`` with ``d_j = lams[j] - lams[0]``; paper Eq. 14).
+    ``pseudo=True``: divided differences ``D^(k)_i = (D^(k-1)_i - D^(k-1)_{i+1}) / (lams[i] - lams[i+k])``
+    and ``g^(k) = k! D^(k)_0`` (paper Sec. 3.3, "pseudo-order")."""
+    n = len(lams) - 1
+    if n == 0:
+        return []
+    if pseudo:
+        table = [list(gs)]
+        for k in range(1, n + 1):
+            prev = table[-1]
+            table.append([(prev[i] - prev[i + 1]) / (lams[i] - lams[i + k]) for i in range(n - k + 1)])
+        return [table[k][0] * math.factorial(k) for k in range(1, n + 1)]
+    d = np.asarray(lams[1:], dtype=np.float64) - lams[0]
+    vinv = np.linalg.inv(np.stack([d**k for k in range(1, n + 1)], axis=1))  # rows j, cols k
+    diffs = [g - gs[0] for g in gs[1:]]
+    out = []
+    for k in range(n):
+        acc = sum(float(vinv[k, j]) * diffs[j] for j in range(n))
+        out.append(acc * math.factorial(k + 1))
+    return out
+
+
+class DPMSolverV3Scheduler(FewstepScheduler):
+    """DPM-Solver-v3 (Zheng et al., NeurIPS 2023, arXiv 2310.13268): multistep predictor of order
+    1-3 (paper Alg. 1 / Eq. 13), pseudo-order derivative estimates, and the corrector without extra
+    model evaluations (paper Sec. 3.3, Alg. 2: after the model has been evaluated at the predicted
+    point, the step into it is redone with that new value among the interpolation points and the
+    state is replaced while the nonlinear part ``N = sigma eps - l x`` is kept).
+
+    Takes the ``DPMSolverMultistepScheduler`` keywords (same meaning where they apply) plus:
+
+    * ``ems``: an :class:`~fewstep.samplers.ems.EMS`, a path to an EMS file, a folder with
+      ``ems.safetensors``, or a shipped name (``"digits"``, ``"digits-cfg2"``); also through
+      ``from_config(config, ems=...)`` and ``from_pretrained(folder)`` (``ems_file`` in the config).
+      Without EMS the scheduler warns and runs ``degenerated``.
+    * ``degenerated``: use ``l = 1, s = 0, b = 0`` (DPM-Solver++ in v3 form, paper App. A.2).
+    * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``): pseudo-order
+      predictor; a corrector of one order more than the predictor that produced the point.
+    * ``use_corrector``, ``half`` and ``half_region``: with ``half=True`` the corrector runs only on
+      half of the trajectory. The paper text says "t <= 0.5"; the official code (which produced the
+      paper numbers) corrects where ``t > 0.5`` (the noisy half). fewstep follows the code by
+      default (``half_region="noisy"``: points with ``t > t_min + 0.5 (t_max - t_min)``);
+      ``half_region="clean"`` selects the paper-text reading. See the README section for the
+      measurement behind the choice.
+    * ``lower_order_final``: as the official v3, the last steps use orders ``<= n - i`` at any
+      number of steps (diffusers only below 15 steps).
+    * EMS snapping: every sampling point (any ``timestep_spacing``, explicit ``timesteps``/``sigmas``)
+      is moved to the nearest EMS grid point in lambda, and the model is called at that point's
+      exact (float) time (``round_timesteps`` defaults to false with EMS).
+
+    The last step into ``sigma = 0`` (``final_sigmas_type="zero"``) returns the data prediction of
+    the last (corrected) point, like DPM-Solver++; ``final_sigmas_type="sigma_min"`` ends on the
+    EMS grid instead. Units: ``timesteps`` on the training scale, lambdas = half log-SNR.
+    """
+
+    supports_renoise = True
+    ignore_for_config = ["ems"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predictor_pseudo: bool = False,
+        use_corrector: bool = True,
+        corrector_pseudo: bool = False,
+        half: bool = False,
+        half_region: str = "noisy",
+        lower_order_final: bool = True,
+        degenerated: bool = False,
+        ems_file: str | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        karras_rho: float = 7.0,
+        round_timesteps: bool | None = None,
+        check_finite: bool = True,
+        ems=None,
+    ):
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order={solver_order!r} is not supported; allowed: 1, 2, 3")
+        if half_region not in HALF_REGIONS:
+            raise ValueError(f"half_region={half_region!r} is not supported; allowed: {HALF_REGIONS}")
+        if karras_rho <= 0:
+            raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
+        self.ems: EMS | None = None
+        self._round_auto = round_timesteps is None
+        if self._round_auto:
+            self.register_to_config(round_timesteps=True)
+        self._setup()
+        if ems is None and ems_file is not None and not degenerated:
+            ems = ems_file
+        self.set_ems(ems, warn=not degenerated)
+        self._reset_history()
+
+    # ---------------------------------------------------------------------- EMS handling
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, ems=None, **kwargs):
+        """diffusers' ``from_config`` plus ``ems=`` (an :class:`EMS`, a path or a shipped name)."""
+        with warnings.catch_warnings():
+            if ems is not None:  # attached right below; no "no EMS" warning from __init__
+                warnings.simplefilter("ignore", UserWarning)
+            sched, unused = super().from_config(config, return_unused_kwargs=True, **kwargs)
+        unused.pop("ems", None)
+        if ems is not None and sched.ems is None and not sched.config.degenerated:
+            sched.set_ems(ems)
+        return (sched, unused) if return_unused_kwargs else sched
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False, **kwargs):
+        """Load ``scheduler_config.json`` and the EMS file it names (``ems_file``, resolved relative
+        to the folder; default ``ems.safetensors`` when present) from a local folder."""
+        ems = kwargs.pop("ems", None)
+        folder = Path(pretrained_model_name_or_path or ".")
+        if subfolder:
+            folder = folder / subfolder
+        config, unused = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder,
+                                         return_unused_kwargs=True, **kwargs)
+        if ems is None:
+            name = config.get("ems_file") or EMS_FILENAME
+            cand = Path(name) if Path(name).is_absolute() else folder / name
+            if cand.exists():
+                ems = cand
+            elif config.get("ems_file"):
+                raise FileNotFoundError(f"the scheduler config names ems_file={name!r} but {cand} does not exist")
+        config = dict(config)
+        ems_file = config.pop("ems_file", None)
+        out = cls.from_config(config, return_unused_kwargs=return_unused_kwargs, ems=ems, **unused)
+        sched = out[0] if return_unused_kwargs else out
+        if ems_file is not None:
+            sched.register_to_config(ems_file=ems_file)
+        return out
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save ``scheduler_config.json`` and, when EMS are loaded, ``ems.safetensors`` (+ ``.json``)."""
+        if self.ems is not None:
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            self.ems.save(Path(save_directory) / EMS_FILENAME)
+            self.register_to_config(ems_file=EMS_FILENAME)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def set_ems(self, ems, warn: bool = True) -> None:
+        """Attach EMS (object, path, folder or shipped name) after checking them against this
+        scheduler's noise schedule; ``None`` falls back to ``degenerated`` (with a warning)."""
+        c = self.config
+        if ems is not None and not isinstance(ems, EMS):
+            if not isinstance(ems, (str, os.PathLike)):
+                raise TypeError(f"ems must be an EMS, a path or a shipped name, got {type(ems).__name__}")
+            ems = EMS.load(resolve_ems_path(ems))
+        if ems is not None:
+            ems.check_schedule(self.schedule)
+        elif not c.degenerated and warn:
+            warnings.warn(
+                "DPMSolverV3Scheduler got no EMS: falling back to degenerated=True (l=1, s=0, b=0, i.e. "
+                "DPM-Solver++ with the v3 corrector). Compute EMS with fewstep.samplers.compute_ems or `fewstep ems`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.ems = ems
+        if getattr(self, "_round_auto", False):
+            # model times: exact snapped (float) times with EMS, diffusers' integer rounding without
+            self.register_to_config(round_timesteps=not self.uses_ems)
+        self._reset_history()
+
+    @property
+    def uses_ems(self) -> bool:
+        """Whether EMS (not the degenerate statistics) drive the updates."""
+        return self.ems is not None and not self.config.degenerated
+
+    # ---------------------------------------------------------------------- grid
+    def _plan(self, grid: Grid, num_inference_steps) -> Grid:
+        self._ems_idx = None
+        if not self.uses_ems:
+            return grid
+        ems = self.ems
+        lam = grid.lambdas
+        n = len(grid.timesteps)
+        finite = np.isfinite(lam)
+        idx = ems.index_of(lam[finite])
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError(
+                f"{n} steps on this grid put several points on the same EMS grid point after snapping "
+                f"(EMS num_grid={ems.num_grid}); use fewer steps or EMS with a finer grid"
+            )
+        ts_all = ems.timesteps[idx]
+        alphas = np.asarray(self.schedule.alpha(ts_all), dtype=np.float64)
+        sigmas = np.asarray(self.schedule.sigma(ts_all), dtype=np.float64)
+        if not finite[-1]:  # final point sigma = 0
+            alphas, sigmas = np.append(alphas, grid.alphas[-1]), np.append(sigmas, grid.sigmas[-1])
+            full_idx = np.append(idx, -1)
+        else:
+            full_idx = idx
+        self._ems_idx = full_idx
+        model_t = ts_all[:n]
+        if bool(self.config.round_timesteps):
+            model_t = np.round(model_t)
+        return Grid(timesteps=model_t, alphas=alphas, sigmas=sigmas)
+
+    # ---------------------------------------------------------------------- state
+    def _reset_history(self) -> None:
+        self._hist: list[dict] = []  # newest first: {"i", "lam", "a", "s", "k", "x", "f"}
+        self._prev_p_order = 0
+
+    def _point(self, i: int) -> dict:
+        k = None if getattr(self, "_ems_idx", None) is None else int(self._ems_idx[i])
+        return {"i": i, "lam": float(self._lambdas[i]), "a": float(self._alphas[i]), "s": float(self._sigmas[i]),
+                "k": k}
+
+    def _l_at(self, p: dict, ref: torch.Tensor):
+        if not self.uses_ems:
+            return 1.0
+        return self._tensor(self.ems.l[p["k"]], ref)
+
+    def _tensor(self, arr, ref: torch.Tensor):
+        return torch.as_tensor(np.asarray(arr), dtype=ref.dtype, device=ref.device)
+
+    def _corrector_active(self, p: dict) -> bool:
+        c = self.config
+        if not c.use_corrector:
+            return False
+        if not c.half:
+            return True
+        sched = self.schedule
+        t = float(sched.t_of_lambda(p["lam"]))
+        mid = sched.t_min + 0.5 * (sched.t_max - sched.t_min)
+        return t > mid if c.half_region == "noisy" else t <= mid
+
+    # ---------------------------------------------------------------------- the update
+    def _g(self, f: torch.Tensor, ref: dict, p: dict) -> torch.Tensor:
+        """``g_p = e^{S_ref - S_p} f_p - e^{S_ref} (B_p - B_ref)`` (paper Eq. 8, relative to ``ref``)."""
+        if not self.uses_ems:
+            return f
+        e = self.ems
+        ks, kp = ref["k"], p["k"]
+        if ks == kp:
+            return f
+        return self._tensor(np.exp(e.S[ks] - e.S[kp]), f) * f - self._tensor(np.exp(e.S[ks]) * (e.B[kp] - e.B[ks]), f)
+
+    def _advance(self, x_s: torch.Tensor, pts: list[dict], target: dict, order: int, pseudo: bool) -> torch.Tensor:
+        """Move ``x_s`` (at ``pts[0]``) to ``target`` with the order-``order`` expansion of ``g``
+        through ``pts[:order]`` (paper Eq. 13)."""
+        ps = pts[:order]
+        s, a_t = ps[0], target["a"]
+        gs = [self._g(p["f"], s, p) for p in ps]
+        derivs = derivative_estimates([p["lam"] for p in ps], gs, pseudo) if order > 1 else []
+        if not self.uses_ems:
+            h = target["lam"] - s["lam"]
+            coeff = _psi(h, order)
+            y = (math.exp(-h) / s["a"]) * x_s - coeff[0] * gs[0]
+            for k, d in enumerate(derivs, start=1):
+                y = y - coeff[k] * d
+            return a_t * y
+        e = self.ems
+        ks, kt = s["k"], target["k"]
+        ref = x_s
+        A = self._tensor(np.exp(e.L[ks] - e.L[kt]) / s["a"], ref)
+        c0 = self._tensor(np.exp(-e.L[kt] - e.S[ks]) * (e.I[kt] - e.I[ks]), ref)
+        const = self._tensor(np.exp(-e.L[kt]) * (e.C[kt] - e.C[ks] - e.B[ks] * (e.I[kt] - e.I[ks])), ref)
+        y = A * x_s - c0 * gs[0] - const
+        for k, d in enumerate(derivs, start=1):
+            ck = self._tensor(np.exp(e.L[ks] - e.L[kt]) * e.exp_coefficient(ks, kt, k), ref)
+            y = y - ck * d
+        return a_t * y
+
+    def _update(self, i, x, x0, noise):
+        c = self.config
+        n = len(self.timesteps)
+        if self.uses_ems:
+            self.ems.check_shape(tuple(x.shape[1:]))
+        p = self._point(i)
+        a_s = p["a"]
+        l_s = self._l_at(p, x)
+        # f = (sigma eps - l x) / alpha = (1 - l) x / alpha - x0   (x0 = (x - sigma eps) / alpha)
+        f = (1.0 - l_s) * x / a_s - x0
+        p["f"] = f
+        hist = self._hist
+        if hist and hist[0]["i"] != i - 1:
+            hist.clear()  # not a continuation of the previous step (e.g. a new begin index)
+        if hist and self._corrector_active(p):
+            c_order = min(self._prev_p_order + int(c.corrector_pseudo), len(hist) + 1)
+            if c_order > 1:
+                prev = hist[0]
+                pts = [prev, p] + hist[1:]
+                x = self._advance(prev["x"], pts, p, c_order, c.corrector_pseudo)
+        p["x"] = x
+        hist.insert(0, p)
+        del hist[c.solver_order + 1 :]
+        order = min(c.solver_order, len(hist))
+        if c.lower_order_final:
+            order = min(order, n - i)
+        target = self._point(i + 1)
+        self._prev_p_order = order
+        if not math.isfinite(target["lam"]):
+            # into sigma = 0: the data prediction of the (corrected) state, N kept fixed
+            return (1.0 - l_s) * x / a_s - f
+        return self._advance(x, hist, target, order, c.predictor_pseudo)

@@ -1,0 +1,159 @@
+"""Tests of fewstep.samplers.ems (DPM-Solver-v3 empirical model statistics, arXiv 2310.13268)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.samplers import EMS, DPMSolverPPScheduler, compute_ems
+from fewstep.testing import GaussianMixtureModel, make_gaussian_mixture
+
+CFG = dict(DPMSolverPPScheduler(beta_schedule="linear", prediction_type="epsilon").config)
+
+
+def _single_gaussian(dim=4):
+    mix = make_gaussian_mixture(dim=dim, num_components=1, num_classes=1, seed=3)
+    sched = DPMSolverPPScheduler.from_config(CFG).schedule
+    return mix, GaussianMixtureModel(mix, sched, "epsilon")
+
+
+def test_single_gaussian_closed_forms():
+    """For x0 ~ N(mu, diag v): eps = s (y - mu) / (v + s^2) with s = e^{-lambda}, so
+    l* = sigma d eps/dx = 1 / (1 + v e^{2 lambda}) exactly (Hutchinson is exact on a diagonal
+    Jacobian), f = -l* mu is deterministic (so s* = 0) and b* = E[f^(1)] = -(dl/dlambda) E[y]."""
+    mix, model = _single_gaussian()
+    x0 = mix.sample(128, generator=torch.Generator().manual_seed(1))
+    ems = compute_ems(model, CFG, x0, num_grid=120, batch_size=64, dtype=torch.float64, progress=False,
+                      smoothing_window=0)
+    v, mu = mix.variances[0].numpy()[None], mix.means[0].numpy()[None]
+    l_exact = 1.0 / (1.0 + v * np.exp(2 * ems.lambdas[:, None]))
+    np.testing.assert_allclose(ems.l, l_exact, atol=1e-10)
+    assert np.all(ems.s == 0)
+    ld_exact = -2 * l_exact * (1 - l_exact)
+    # b = -l_d E[y]; l_d is a finite difference of l on the grid, E[y] a sample mean
+    scale = np.abs(ld_exact * mu).max()
+    assert np.abs(ems.b - (-ld_exact * mu)).max() < 0.05 * scale
+
+
+def test_hutchinson_matches_exact_jacobian_diagonal():
+    """On a 3-component mixture the estimated l equals sigma * mean diag(d eps/dx) computed with
+    the full Jacobian over the same noised samples, to Monte-Carlo accuracy of the probes."""
+    mix = make_gaussian_mixture(dim=3, num_components=3, num_classes=1, seed=0)
+    sched = DPMSolverPPScheduler.from_config(CFG).schedule
+    model = GaussianMixtureModel(mix, sched, "epsilon")
+    x0 = mix.sample(400, generator=torch.Generator().manual_seed(2))
+    ems = compute_ems(model, CFG, x0, num_grid=4, batch_size=400, dtype=torch.float64, progress=False)
+    j = 2
+    t = float(ems.timesteps[j])
+    a, s = float(sched.alpha(t)), float(sched.sigma(t))
+    x = a * x0 + s * torch.randn(x0.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    diag = []
+    for row in x:
+        jac = torch.autograd.functional.jacobian(lambda z: model(z[None], torch.tensor([t]))[0], row)
+        diag.append(torch.diagonal(jac) * s)
+    exact = torch.stack(diag).mean(0).numpy()
+    np.testing.assert_allclose(ems.l[j], exact, atol=0.08 * np.abs(exact).max() + 1e-3)
+
+
+def _mix_setup(dim=4, k=48):
+    mix = make_gaussian_mixture(dim=dim, num_components=2, num_classes=1, seed=1)
+    sched = DPMSolverPPScheduler.from_config(CFG).schedule
+    x0 = mix.sample(k, generator=torch.Generator().manual_seed(4))
+    return mix, GaussianMixtureModel(mix, sched, "epsilon"), x0
+
+
+def test_save_load_round_trip(tmp_path):
+    _, model, x0 = _mix_setup()
+    ems = compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False,
+                      model_id="gmm-test")
+    path = ems.save(tmp_path / "e.safetensors")
+    assert (tmp_path / "e.json").exists()
+    back = EMS.load(path)
+    for k in ("lambdas", "timesteps", "l", "s", "b", "L", "S", "I", "B", "C"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(ems, k))
+    assert back.metadata["model_id"] == "gmm-test" and back.metadata["num_samples"] == 48
+    assert back.metadata["num_grid"] == 20 and back.metadata["schedule"]["beta_schedule"] == "linear"
+    with pytest.raises(ValueError, match="path"):
+        ems.save(tmp_path / "e.bin")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tmp_path):
+    _, model, x0 = _mix_setup()
+    kw = dict(num_grid=20, batch_size=16, dtype=torch.float64, progress=False, pairs_per_call=64)
+    full = compute_ems(model, CFG, x0, **kw)
+    calls = {"n": 0}
+
+    def flaky(x, t, c):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise _Interrupt
+        return model(x, t, c)
+
+    ckpt = tmp_path / "ems.ckpt"
+    with pytest.raises(_Interrupt):
+        compute_ems(flaky, CFG, x0, checkpoint=ckpt, **kw)
+    assert ckpt.exists()
+    resumed = compute_ems(model, CFG, x0, checkpoint=ckpt, **kw)
+    for k in ("l", "s", "b"):
+        np.testing.assert_allclose(getattr(resumed, k), getattr(full, k), rtol=1e-12, atol=1e-14)
+
+
+_WORKER = """
+import sys, torch
+from accelerate import Accelerator
+sys.path.insert(0, {tests!r})
+from test_ems import CFG, _mix_setup
+from fewstep.samplers import compute_ems
+acc = Accelerator(cpu=True)
+_, model, x0 = _mix_setup()
+ems = compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False, accelerator=acc)
+if acc.is_main_process:
+    ems.save({out!r})
+"""
+
+
+def test_two_process_sharding_equals_single(tmp_path):
+    """Two CPU processes (torchrun, read by ``Accelerator(cpu=True)`` as a gloo group; fresh processes: forking a process that has
+    already run torch can deadlock, so no ``debug_launcher`` here)."""
+    import os
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "sharded.safetensors")
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER.format(tests=os.path.dirname(__file__), out=out))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(script)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sharded = EMS.load(out)
+    assert sharded.metadata["world_size"] == 2
+    _, model, x0 = _mix_setup()
+    single = compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False)
+    for k in ("l", "s", "b"):
+        np.testing.assert_allclose(getattr(sharded, k), getattr(single, k), rtol=1e-7, atol=1e-10)  # s = cov/var amplifies summation order
+
+
+def test_bad_inputs():
+    _, model, x0 = _mix_setup()
+    with pytest.raises(ValueError, match="num_grid"):
+        compute_ems(model, CFG, x0, num_grid=1, progress=False)
+    with pytest.raises(ValueError, match="num_samples"):
+        compute_ems(model, CFG, x0, num_samples=10_000, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_ems(model, CFG, x0, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="t_range"):
+        compute_ems(model, CFG, x0, t_range=(500, 100), progress=False)
+    with pytest.raises(TypeError, match="data"):
+        compute_ems(model, CFG, 3.0, progress=False)
+    lam = np.linspace(-1, 1, 5)
+    with pytest.raises(ValueError, match="leading dimension"):
+        EMS(lam, lam, np.zeros((4, 2)), np.zeros((5, 2)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="increasing"):
+        EMS(lam[::-1], lam, np.zeros((5, 2)), np.zeros((5, 2)), np.zeros((5, 2)))
