@@ -116,9 +116,12 @@ def test_demo_in_headless_chromium(tmp_path):
             page.set_default_timeout(20_000)
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator("#generate").click()
-            page.wait_for_function(
-                "() => document.querySelectorAll('#gallery img').length >= 8", timeout=20_000)
             status = page.locator("#status")
+            try:
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#gallery img').length >= 8", timeout=20_000)
+            except sync_api.TimeoutError:
+                pytest.fail(f"no images after Generate; status box says: {status.inner_text()!r}")
             status.get_by_text("NFE 16").wait_for()
             assert "8 images" in status.inner_text()  # the default batch size
             imgs = page.locator("#gallery img")
