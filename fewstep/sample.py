@@ -68,7 +68,7 @@ def sample(
     if sigmas is not None:
         kwargs["sigmas"] = sigmas
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none
     step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
     guide = None
     if guidance is not None and not isinstance(guidance, numbers.Number):
@@ -78,8 +78,9 @@ def sample(
         raise TypeError("guidance must be None, a number or a Guidance object")
     nfe = 0
     ts = scheduler.timesteps
+    scale_input = getattr(scheduler, "scale_model_input", None)  # absent on FlowMatch schedulers
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling")):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale_input(x, t) if scale_input is not None else x
         renoise = None
         if guide is not None:
             out, renoise, used = guide.predict(model, x_in, t, cond, uncond, scheduler=scheduler, step_index=i,

@@ -86,6 +86,11 @@ class GaussianMixture:
         g = torch.softmax(logp, dim=1)
         return (g[:, :, None] * s_t * diff / var).sum(1)
 
+    def prior_mean(self, c=None, batch: int = 1) -> torch.Tensor:
+        """``E[x0]`` per sample (B, D) under the (class-restricted) mixture (float64)."""
+        w = self.weights.double()[None].expand(batch, -1) * self._component_mask(c, batch)
+        return (w / w.sum(1, keepdim=True)) @ self.means.double()
+
     def sample(self, n: int, c=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` exact samples ``x0`` (float64, (n, D)), optionally of class ``c``."""
         mask = self._component_mask(c, n)
@@ -139,7 +144,11 @@ class GaussianMixtureModel:
         t64 = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu()
         a = torch.as_tensor(self.schedule.alpha(t64), dtype=torch.float64).reshape(-1, 1)
         s = torch.as_tensor(self.schedule.sigma(t64), dtype=torch.float64).reshape(-1, 1)
-        x0 = self.mixture.denoise_ve(xf / a, (s / a).reshape(-1), c)
+        pure = (a <= 0).expand(b, 1).reshape(-1)  # flow matching at sigma = 1: E[x0 | x] is the prior mean
+        a_safe = torch.where(a > 0, a, torch.ones_like(a))
+        x0 = self.mixture.denoise_ve(xf / a_safe, (s / a_safe).reshape(-1), c)
+        if bool(pure.any()):
+            x0[pure] = self.mixture.prior_mean(c, b)[pure]
         eps = (xf - a * x0) / s
         out = from_x0_eps(x0, eps, a.reshape(-1), s.reshape(-1), self.prediction_type)
         return out.reshape(x.shape).to(x.dtype)

@@ -56,6 +56,20 @@ def test_sde_sampling_is_reproducible_with_a_generator():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+def test_flow_match_euler_scheduler_without_init_noise_sigma():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours = DPMSolverPPScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver_order=1)
+    model = GaussianMixtureModel(MIX, ours.schedule, "flow_prediction")
+    noise = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(6)
+    x_ref, _ = fewstep.sample(model, noise, FlowMatchEulerDiscreteScheduler(shift=3.0), 6)
+    x, _ = fewstep.sample(model, noise, ours, sigmas=euler.sigmas[:-1].tolist())
+    # first-order DPM-Solver++ in flow coordinates is exactly the flow-matching Euler step
+    torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_callback_and_bad_guidance():
     sched = DPMSolverPPScheduler(**SD)
     model = GaussianMixtureModel(MIX, sched.schedule, "epsilon")
