@@ -1,0 +1,107 @@
+"""``fewstep ems``: compute DPM-Solver-v3 empirical model statistics (Zheng et al. 2023,
+arXiv 2310.13268, Sec. 3.1 / App. C) for a model and save them as safetensors + JSON.
+
+Models: ``digits`` (the bundled teacher; data = its training split, labels as conditions), a
+local diffusers model folder (``unet/`` + ``scheduler/`` subfolders or a bare UNet folder with
+``--scheduler-config``; data from ``--data`` .pt/.safetensors file holding clean samples/latents),
+or ``module:callable`` returning ``(model, scheduler_config, data)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+
+def _load_data(path: str):
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--data file {path} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = load_file(str(p))
+        x = t.get("x", t.get("samples", next(iter(t.values()))))
+        return (x, t["labels"]) if "labels" in t else x
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _resolve(args: argparse.Namespace):
+    """-> (model(x, t, c), scheduler_config, data, cond, uncond, model_id)."""
+    if args.model == "digits":
+        from fewstep.models import load_digits_split
+        from fewstep.models.pipeline import load_digits_scheduler_config, load_digits_teacher_unet
+
+        unet = load_digits_teacher_unet()
+        x, y = load_digits_split("train")
+        model = lambda x_, t, c: unet(x_, t, class_labels=c).sample  # noqa: E731
+        import torch
+
+        null = torch.full((1,), 10, dtype=torch.long)
+        uncond = null if args.guidance_scale not in (None, 1.0) else None
+        # conditional EMS: per-sample labels; with --unconditional every sample gets the null label
+        data = (x, torch.full_like(y, 10)) if args.unconditional else (x, y)
+        return model, load_digits_scheduler_config(), data, None, uncond, "fewstep-digits-teacher"
+    if ":" in args.model and not Path(args.model).exists():
+        mod, _, fn = args.model.partition(":")
+        model, config, data = getattr(importlib.import_module(mod), fn)()
+        return model, dict(config), data, None, None, args.model
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {args.model!r} is neither 'digits', a folder, nor module:callable")
+    from diffusers import UNet2DModel
+
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    unet = UNet2DModel.from_pretrained(str(unet_dir)).eval().requires_grad_(False)
+    cfg_path = Path(args.scheduler_config) if args.scheduler_config else folder / "scheduler" / "scheduler_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"scheduler config {cfg_path} not found; pass --scheduler-config")
+    if args.data is None:
+        raise ValueError("--data (a .pt or .safetensors file of clean samples) is required for a model folder")
+    model = lambda x_, t, c: unet(x_, t, class_labels=c).sample  # noqa: E731
+    return model, json.loads(cfg_path.read_text()), _load_data(args.data), None, None, str(folder)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewstep.samplers.ems import compute_ems
+
+    torch.set_num_threads(args.threads)
+    model, config, data, cond, uncond, model_id = _resolve(args)
+    ems = compute_ems(
+        model, config, data, num_grid=args.num_grid, num_samples=args.num_samples, batch_size=args.batch_size,
+        t_range=tuple(args.t_range) if args.t_range else None, cond=cond, uncond=uncond,
+        guidance_scale=args.guidance_scale, pairs_per_call=args.pairs_per_call, seed=args.seed,
+        checkpoint=args.checkpoint, model_id=model_id, progress=not args.quiet,
+    )
+    path = ems.save(args.output)
+    print(json.dumps({"output": str(path), **{k: ems.metadata.get(k) for k in
+                      ("num_grid", "num_samples", "guidance_scale", "t_range", "seconds")}}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``ems`` subcommand."""
+    p = subparsers.add_parser("ems", help="compute DPM-Solver-v3 EMS for a model", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits", help="'digits', a diffusers model folder, or module:callable")
+    p.add_argument("--scheduler-config", default=None, help="scheduler_config.json (model folders)")
+    p.add_argument("--data", default=None, help=".pt/.safetensors file of clean samples (model folders)")
+    p.add_argument("--output", required=True, help="output .safetensors path (a .json copy of the settings is written too)")
+    p.add_argument("--num-grid", type=int, default=200, help="lambda intervals N (paper: 120-1200)")
+    p.add_argument("--num-samples", type=int, default=None, help="K samples (default: all data)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pairs-per-call", type=int, default=4096)
+    p.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale w the EMS are computed at")
+    p.add_argument("--unconditional", action="store_true", help="digits: use the null label for every sample")
+    p.add_argument("--checkpoint", default=None, help="resume file (written after every batch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)
