@@ -1,49 +1,45 @@
-"""Two CPU processes (accelerate's debug launcher) shard images and gather the same features."""
+"""Two CPU processes under ``accelerate launch`` shard images and gather the same features.
+
+Runs the real CLI in fresh processes (forking a process that already started torch's thread
+pools, as ``accelerate.debug_launcher`` does, can hang).
+"""
 
 from __future__ import annotations
 
-import pickle
+import os
+import subprocess
+import sys
 
+import numpy as np
 import torch
 from test_eval_common import tiny_trunk_file, write_images
 
-
-def _worker(folder: str, weights: str, out: str) -> None:
-    from accelerate import PartialState
-
-    from fewstep.eval.features import extract_features
-    from fewstep.eval.images import FileImageSource
-    from fewstep.eval.inception import InceptionFeatures
-
-    state = PartialState(cpu=True)
-    res = extract_features(
-        FileImageSource(folder),
-        InceptionFeatures(weights),
-        batch_size=3,
-        device="cpu",
-        keep_features=True,
-        progress=False,
-    )
-    with open(f"{out}.{state.process_index}", "wb") as f:
-        pickle.dump((state.num_processes, res.features, res.stats.n, res.stats.sum, res.stats.sum_outer), f)
+from fewstep.eval.features import extract_features
+from fewstep.eval.frechet import FeatureStats
+from fewstep.eval.images import FileImageSource
+from fewstep.eval.inception import InceptionFeatures
 
 
-def test_two_processes_gather_equals_single_process(tmp_path):
-    from accelerate import debug_launcher
-
-    from fewstep.eval.features import extract_features
-    from fewstep.eval.images import FileImageSource
-    from fewstep.eval.inception import InceptionFeatures
-
+def test_accelerate_two_processes_gather_equals_single_process(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 11, seed=0)  # odd count: uneven shards
     w = tiny_trunk_file(tmp_path)
-    debug_launcher(_worker, args=(str(folder), str(w), str(tmp_path / "res")), num_processes=2)
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "fewstep.apps.cli", "eval", "stats", str(folder), str(out), "--keep-features",
+           "--device", "cpu", "--batch-size", "3", "--inception-weights", str(w),
+           "--no-progress", "--json"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"world_size": 2' in proc.stdout
+
     single = extract_features(FileImageSource(folder), InceptionFeatures(w), keep_features=True, progress=False)
-    for rank in (0, 1):
-        with open(tmp_path / f"res.{rank}", "rb") as f:
-            world, feats, n, s, so = pickle.load(f)
-        assert world == 2 and n == 11
-        torch.testing.assert_close(feats, single.features, rtol=0, atol=1e-6)
-        torch.testing.assert_close(s, single.stats.sum, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(so, single.stats.sum_outer, rtol=1e-12, atol=1e-9)
+    with np.load(out) as z:
+        feats = torch.from_numpy(z["feats"])
+    torch.testing.assert_close(feats, single.features, rtol=0, atol=1e-6)
+    two = FeatureStats.load(out)
+    assert two.n == 11
+    torch.testing.assert_close(two.mean, single.stats.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(two.cov, single.stats.cov, rtol=1e-8, atol=1e-10)
