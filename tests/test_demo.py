@@ -126,7 +126,10 @@ def test_demo_in_headless_chromium(tmp_path):
             assert "8 images" in status.inner_text()  # the default batch size
             imgs = page.locator("#gallery img")
             assert imgs.count() >= 8
-            assert imgs.first.evaluate("im => im.complete && im.naturalWidth") > 0
+            # the <img> elements appear before their data has loaded: wait for a decoded image
+            page.wait_for_function(
+                "() => { const im = document.querySelector('#gallery img');"
+                " return im !== null && im.complete && im.naturalWidth > 0; }", timeout=20_000)
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
             # a visible error for an unknown model path
