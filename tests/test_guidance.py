@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from fewstep.guidance import (
-    APG, CFG, AdaptiveGuidance, CFGPlusPlus, GuidanceContext, GuidanceRescale, LinearAG, apg_update, fit_linear_ag,
+    APG,
+    CFG,
+    AdaptiveGuidance,
+    CFGPlusPlus,
+    GuidanceContext,
+    GuidanceRescale,
+    LinearAG,
+    fit_linear_ag,
 )
 from fewstep.sample import sample
 from fewstep.samplers import DPMSolverPPScheduler
@@ -246,3 +253,22 @@ def test_bad_inputs_name_the_argument():
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
             fn()
+
+
+def test_cfg_scale_one_skips_the_unconditional_pass():
+    """CFG(1) is the conditional model: one evaluation per step, same result as guidance=None."""
+    import fewstep
+    from fewstep.guidance import CFG
+    from fewstep.samplers import DPMSolverPPScheduler
+    from fewstep.testing import GaussianMixtureModel, make_gaussian_mixture
+
+    sched = DPMSolverPPScheduler(prediction_type="v_prediction")
+    model = GaussianMixtureModel(make_gaussian_mixture(dim=8, seed=4), sched.schedule, "v_prediction")
+    noise = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    c = torch.arange(6) % 3
+    x1, nfe1 = fewstep.sample(model, noise, sched, 7, guidance=CFG(1.0), cond=c, uncond=-1)
+    x0, nfe0 = fewstep.sample(model, noise, sched, 7, cond=c)
+    assert nfe1 == nfe0 == 7
+    torch.testing.assert_close(x1, x0, rtol=0, atol=0)
+    _, nfe2 = fewstep.sample(model, noise, sched, 7, guidance=CFG(2.0), cond=c, uncond=-1)
+    assert nfe2 == 14

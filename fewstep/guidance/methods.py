@@ -52,6 +52,12 @@ class CFG(Guidance):
         super().__init__()
         self.scale = check_number("scale", scale)
 
+    def needs_uncond(self, ctx):
+        """At ``scale == 1`` the guided output is the conditional one: skip the unconditional pass
+        (exact; the same one evaluation per step as ``fewstep.sample(guidance=1.0)``)."""
+        want = self.scale != 1.0
+        return torch.full((ctx.x.shape[0],), want, dtype=torch.bool, device=ctx.x.device)
+
     def guide(self, cond, uncond, ctx):
         """``uncond + w (cond - uncond)``, computed in the outputs' dtype."""
         return uncond + self.scale * (cond - uncond)
