@@ -119,7 +119,7 @@ def main():
     emit(f"| CFG | {nfe_cfg} | 0% | 0% | 0 | {fd_a:.3f} | {acc_a:.3f} |")
     lag_path = Path(__file__).resolve().parents[1] / "configs" / "linear_ag_digits.json"
     ag_rows = [(f"AG x0 thr {th} {'per-sample' if ps else 'batch'}", AdaptiveGuidance(3.0, threshold=th, per_sample=ps))
-               for th in (0.99,) for ps in (True, False)]
+               for th in (0.99, 0.95) for ps in (True, False)]
     if lag_path.exists():
         ag_rows.append(("LinearAG (configs/linear_ag_digits.json)", LinearAG(lag_path)))
     for name, g in ag_rows:
