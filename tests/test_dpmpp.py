@@ -212,6 +212,21 @@ def test_img2img_begin_index_and_add_noise_match_diffusers():
             xa = xa_new
 
 
+def test_repeated_first_timestep_does_not_skip_a_step():
+    """On a cosine schedule the logSNR grid rounds to 999, 999, ...; sampling must still run every
+    grid point (diffusers' second-match rule skips one and fails at the end)."""
+    sched = DPMSolverPPScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                                 timestep_spacing="logsnr")
+    sched.set_timesteps(10)
+    assert int(sched.timesteps[0]) == int(sched.timesteps[1])  # the premise
+    model = GaussianMixtureModel(SMOOTH_MIX, sched.schedule, "v_prediction")
+    seen = []
+    x, nfe = sample(model, torch.randn(4, 16, dtype=torch.float64), sched, 10,
+                    callback=lambda i, t, x: seen.append(i))
+    assert nfe == 10 and seen == list(range(10)) and sched.step_index == 10
+    assert torch.isfinite(x).all()
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="solver_order"):
         DPMSolverPPScheduler(solver_order=4)

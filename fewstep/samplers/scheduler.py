@@ -241,7 +241,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return int(cand[1 if len(cand) > 1 else 0].item())
 
     def _init_step_index(self, timestep) -> None:
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        """First step: the begin index when a pipeline set one (img2img); else the grid index of
+        ``timestep``, except that the very first grid time means index 0 even when rounding made it
+        repeat (e.g. 999, 999 on a logSNR grid of a cosine schedule), where diffusers' second-match
+        rule would skip a point and fail at the end of sampling."""
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+        elif bool(torch.as_tensor(timestep).to(self.timesteps.device, self.timesteps.dtype) == self.timesteps[0]):
+            self._step_index = 0
+        else:
+            self._step_index = self.index_for_timestep(timestep)
 
     # ---------------------------------------------------------------------- small contract items
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
