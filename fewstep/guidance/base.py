@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..schedule import FLOW_SCHEDULER_CLASSES, PREDICTION_TYPES, NoiseSchedule, to_x0_eps, from_x0_eps
+from ..schedule import FLOW_SCHEDULER_CLASSES, PREDICTION_TYPES, NoiseSchedule, from_x0_eps, to_x0_eps
 
 SPACES = ("x0", "eps", "v", "output")
 

@@ -180,13 +180,11 @@ class GuidanceHandle:
         args = list(args)
         if args:
             x = args[0]
-            set_x = lambda a, k, v: (a.__setitem__(0, v), k)  # noqa: E731
         else:
             key = next((k for k in _SAMPLE_KEYS if k in kwargs), None)
             if key is None:
                 raise ValueError("fewstep.guidance hook: cannot find the denoiser's sample argument")
             x = kwargs[key]
-            set_x = lambda a, k, v: (a, k.__setitem__(key, v))  # noqa: E731
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
         do_cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         if not do_cfg:

@@ -28,12 +28,12 @@ from typing import Any, Callable
 import torch
 
 from .base import Guidance, GuidanceContext, check_number, check_space
-from .methods import CFG, _as_guidance
+from .methods import CFG, _as_guidance, _WrappedGuidance
 
 FEATURES = ("cond", "cond_prev", "uncond_prev")
 
 
-class LinearAG(Guidance):
+class LinearAG(_WrappedGuidance):
     """LinearAG (Castillo et al. 2025, Sec. 5): from ``start_step`` on, the unconditional branch
     is not evaluated; its estimate ``u_hat_i = a_i c_i + b_i c_{i-1} + d_i u_{i-1}`` (in
     ``space``, see the module docstring) feeds the inner guidance instead. Costs 1 evaluation
@@ -51,7 +51,6 @@ class LinearAG(Guidance):
     """
 
     def __init__(self, coefficients: dict | str | Path, guidance: Guidance | None = None):
-        super().__init__()
         if isinstance(coefficients, (str, Path)):
             path = Path(coefficients)
             if not path.exists():
@@ -68,23 +67,17 @@ class LinearAG(Guidance):
         self.space = check_space(coefficients["space"])
         coefs = coefficients["coefficients"]
         if not 1 <= self.start_step <= self.num_steps or len(coefs) != self.num_steps - self.start_step:
-            raise ValueError("coefficients: need 1 <= start_step <= num_steps and one [a, b, d] per step from start_step")
+            raise ValueError("coefficients: need 1 <= start_step <= num_steps and one [a, b, d] per step "
+                             "from start_step")
         self.coefs = [[float(v) for v in row] for row in coefs]
         if any(len(r) != 3 or not all(math.isfinite(v) for v in r) for r in self.coefs):
             raise ValueError("coefficients: every row must hold 3 finite numbers")
-        self.inner = guidance if guidance is not None else CFG(float(coefficients["scale"]))
-        _as_guidance(self.inner, None)
-        if self.inner.needs_renoise:
-            raise ValueError("guidance: LinearAG cannot wrap CFG++ (it renoises with the real unconditional)")
+        inner = guidance if guidance is not None else CFG(float(coefficients["scale"]))
+        super().__init__(_as_guidance(inner, None), allow_renoise=False)
         self._hist = None
-
-    @property
-    def scale(self):
-        return getattr(self.inner, "scale", None)
 
     def reset(self):
         super().reset()
-        self.inner.reset()
         self._hist = None  # (cond_prev, uncond_prev) in self.space
 
     def _check(self, ctx: GuidanceContext) -> None:

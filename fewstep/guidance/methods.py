@@ -37,6 +37,27 @@ def _as_guidance(guidance, scale, name="guidance") -> Guidance:
     return guidance
 
 
+class _WrappedGuidance(Guidance):
+    """Base of the rules that wrap an inner rule (GuidanceRescale, AdaptiveGuidance, LinearAG):
+    holds ``inner``, resets it with the wrapper, reports its ``scale`` (diffusers
+    ``guidance_scale`` convention) and, unless ``allow_renoise``, refuses CFG++ inside."""
+
+    def __init__(self, inner: Guidance, allow_renoise: bool = True):
+        super().__init__()
+        self.inner = inner
+        if not allow_renoise and inner.needs_renoise:
+            raise ValueError(f"guidance: {type(self).__name__} cannot wrap CFG++ (it renoises with the "
+                             "unconditional prediction at every step)")
+
+    @property
+    def scale(self):
+        return getattr(self.inner, "scale", None)
+
+    def reset(self):
+        super().reset()
+        self.inner.reset()
+
+
 # ------------------------------------------------------------------------------------------------
 class CFG(Guidance):
     """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Eq. 6).
@@ -67,7 +88,7 @@ class CFG(Guidance):
 
 
 # ------------------------------------------------------------------------------------------------
-class GuidanceRescale(Guidance):
+class GuidanceRescale(_WrappedGuidance):
     """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
     Flawed", Sec. 3.4, Eq. 15-16) wrapped around any other guidance.
 
@@ -88,15 +109,10 @@ class GuidanceRescale(Guidance):
 
     def __init__(self, phi: float = 0.7, guidance: Guidance | None = None, scale: float | None = None,
                  space: str = "output"):
-        super().__init__()
         self.phi = check_number("phi", phi, 0.0, 1.0)
-        self.inner = _as_guidance(guidance, scale)
+        super().__init__(_as_guidance(guidance, scale))
         self.space = check_space(space)
         self.needs_renoise = self.inner.needs_renoise
-
-    def reset(self):
-        super().reset()
-        self.inner.reset()
 
     def needs_uncond(self, ctx):
         return self.inner.needs_uncond(ctx)
@@ -266,7 +282,7 @@ def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a64 * b64).sum(1) / (a64.norm(dim=1) * b64.norm(dim=1)).clamp_min(1e-30)
 
 
-class AdaptiveGuidance(Guidance):
+class AdaptiveGuidance(_WrappedGuidance):
     """Adaptive Guidance (Castillo et al., AAAI 2025, arXiv 2312.12487, Sec. 4: "AG").
 
     Runs the inner guidance (CFG by default) while the conditional and unconditional predictions
@@ -300,13 +316,9 @@ class AdaptiveGuidance(Guidance):
 
     def __init__(self, scale: float | None = None, threshold: float = 0.99, guidance: Guidance | None = None,
                  space: str = "x0", per_sample: bool = True, min_step: int = 0):
-        super().__init__()
         if guidance is None and scale is None:
             scale = 7.5
-        self.inner = _as_guidance(guidance, scale)
-        if self.inner.needs_renoise:
-            raise ValueError("guidance: AdaptiveGuidance cannot wrap CFG++ (it renoises with the "
-                             "unconditional prediction at every step)")
+        super().__init__(_as_guidance(guidance, scale), allow_renoise=False)
         self.threshold = check_number("threshold", threshold, -1.0, None, low_open=True)
         self.space = check_space(space)
         if not isinstance(per_sample, bool):
@@ -318,13 +330,8 @@ class AdaptiveGuidance(Guidance):
         self._off = None
         self.switch_steps: list = []
 
-    @property
-    def scale(self):
-        return getattr(self.inner, "scale", None)
-
     def reset(self):
         super().reset()
-        self.inner.reset()
         self._off = None
         self.switch_steps = []
 
