@@ -78,6 +78,9 @@ def solver_rows() -> list[tuple[str, type, dict]]:
             if spacing in ("logsnr", "karras"):
                 kw["round_timesteps"] = False
             rows.append((f"fewstep {order}M {spacing}", fs, kw))
+    for spacing in ("logsnr", "karras"):  # 3M with the exact x0'' weight (diffusers/official halve it)
+        rows.append((f"fewstep 3M exact {spacing}", fs, {"solver_order": 3, "timestep_spacing": spacing,
+                                                         "round_timesteps": False, "exact_third_order": True}))
     rows.append(("fewstep 2M karras, rounded t", fs, {"solver_order": 2, "timestep_spacing": "karras"}))
     rows.append(("fewstep 2M heun linspace", fs, {"solver_order": 2, "solver_type": "heun"}))
     rows.append(("fewstep 2M heun logsnr", fs, {"solver_type": "heun", "timestep_spacing": "logsnr",
