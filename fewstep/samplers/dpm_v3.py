@@ -152,12 +152,8 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         check_finite: bool = True,
         ems=None,
     ):
-        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order={solver_order!r} is not supported; allowed: 1, 2, 3")
         if half_region not in HALF_REGIONS:
             raise ValueError(f"half_region={half_region!r} is not supported; allowed: {HALF_REGIONS}")
-        if karras_rho <= 0:
-            raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
         self.ems: EMS | None = None
         self._round_auto = round_timesteps is None
         if self._round_auto:

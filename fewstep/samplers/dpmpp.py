@@ -220,8 +220,6 @@ class DPMSolverPPScheduler(FewstepScheduler):
         exact_third_order: bool = False,
         check_finite: bool = True,
     ):
-        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order={solver_order!r} is not supported; allowed: 1, 2, 3")
         if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(
                 f"algorithm_type={algorithm_type!r} (noise-prediction DPM-Solver) is deprecated in diffusers and not "
@@ -235,8 +233,6 @@ class DPMSolverPPScheduler(FewstepScheduler):
             raise ValueError(f"method={method!r} is not supported; allowed: {METHODS}")
         if method == "singlestep" and algorithm_type != "dpmsolver++":
             raise ValueError("method='singlestep' supports algorithm_type='dpmsolver++' only (SDE is multistep)")
-        if karras_rho <= 0:
-            raise ValueError(f"karras_rho must be > 0, got {karras_rho}")
         self._solver_type = SOLVER_TYPES[solver_type]
         self._setup()
         self._reset_history()

@@ -100,6 +100,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _setup(self) -> None:
         """Validate the config and build the noise schedule; called at the end of ``__init__``."""
         c = self.config
+        order = getattr(c, "solver_order", None)
+        if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
+            raise ValueError(f"solver_order={order!r} is not supported; allowed: 1, 2, 3")
+        if float(getattr(c, "karras_rho", 7.0)) <= 0:
+            raise ValueError(f"karras_rho must be > 0, got {c.karras_rho}")
         _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
         _check_choice("final_sigmas_type", c.final_sigmas_type, ("zero", "sigma_min"))
         flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_lu_lambdas, getattr(c, "use_beta_sigmas", False)]
