@@ -5,4 +5,12 @@ from .dpmpp import DPMSolverPPScheduler
 from .ems import EMS, compute_ems
 from .scheduler import FewstepScheduler, FewstepSchedulerOutput, threshold_x0
 
-__all__ = ["DPMSolverPPScheduler", "DPMSolverV3Scheduler", "EMS", "compute_ems", "FewstepScheduler", "FewstepSchedulerOutput", "threshold_x0"]
+__all__ = [
+    "DPMSolverPPScheduler",
+    "DPMSolverV3Scheduler",
+    "EMS",
+    "compute_ems",
+    "FewstepScheduler",
+    "FewstepSchedulerOutput",
+    "threshold_x0",
+]

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -132,7 +131,7 @@ class EMS:
     (paper App. A.2); ``l = 0, s = -1, b = 0`` into DPM-Solver (noise prediction).
     """
 
-    def __init__(self, lambdas, timesteps, l, s, b, l_d=None, metadata: Mapping[str, Any] | None = None):
+    def __init__(self, lambdas, timesteps, l, s, b, l_d=None, metadata: Mapping[str, Any] | None = None):  # noqa: E741 (paper notation)
         lam = np.asarray(lambdas, dtype=np.float64)
         if lam.ndim != 1 or len(lam) < 2 or np.any(np.diff(lam) <= 0) or not np.all(np.isfinite(lam)):
             raise ValueError("lambdas must be a finite, strictly increasing 1-D array with >= 2 points")
@@ -140,7 +139,8 @@ class EMS:
         for name, v in (("l", l), ("s", s), ("b", b)):
             a = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
             if a.shape[:1] != lam.shape:
-                raise ValueError(f"{name} has leading dimension {a.shape[:1]}, expected {len(lam)} (one per grid point)")
+                raise ValueError(f"{name} has leading dimension {a.shape[:1]}, expected {len(lam)} "
+                                 "(one per grid point)")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{name} contains NaN or inf")
             arrays[name] = a
@@ -500,7 +500,10 @@ def compute_ems(
     if accelerator is not None:
         rank, world = int(accelerator.process_index), int(accelerator.num_processes)
     main = rank == 0
-    device = torch.device(device) if device is not None else (accelerator.device if accelerator is not None else torch.device("cpu"))
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = accelerator.device if accelerator is not None else torch.device("cpu")
 
     settings = {
         "schedule": schedule_config(cfg), "num_grid": int(num_grid), "t_range": [float(ts[-1]), float(ts[0])],
