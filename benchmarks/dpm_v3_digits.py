@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fewstep.models import load_digits_pipeline, load_digits_split
     from fewstep.models.pipeline import NULL_CLASS, load_digits_scheduler_config
     from fewstep.sample import sample
-    from fewstep.samplers import DPMSolverPPScheduler, EMS
+    from fewstep.samplers import EMS, DPMSolverPPScheduler
     from fewstep.samplers.ems import resolve_ems_path
 
     warnings.filterwarnings("ignore", message=r"only \d+ generated images")  # FD at N < 128 (dry runs)
@@ -297,7 +297,6 @@ def print_tables(w: float, entry: dict, nfes: list[int], n: int) -> None:
         print(sep)
         for name, r in rows.items():
             vals = r[key]
-            best_d = s[f"best diffusers {key}"]
             cells = []
             for i, v in enumerate(vals):
                 c = "NaN" if math.isnan(v) else fmt.format(v)

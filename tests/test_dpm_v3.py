@@ -1,14 +1,13 @@
 """Tests of DPMSolverV3Scheduler (DPM-Solver-v3, Zheng et al. 2023, arXiv 2310.13268)."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from fewstep.sample import sample
-from fewstep.samplers import EMS, DPMSolverPPScheduler, DPMSolverV3Scheduler, compute_ems
+from fewstep.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler, compute_ems
 from fewstep.samplers.dpm_v3 import _psi, derivative_estimates
 from fewstep.testing import GaussianMixtureModel, make_gaussian_mixture, reference_solve
 

@@ -1,6 +1,5 @@
 """Tests of fewstep.samplers.ems (DPM-Solver-v3 empirical model statistics, arXiv 2310.13268)."""
 
-import math
 
 import numpy as np
 import pytest
