@@ -127,7 +127,7 @@ def test_two_process_sharding_equals_single(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(tests=os.path.dirname(__file__), out=out))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(script)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -156,3 +156,12 @@ def test_bad_inputs():
         EMS(lam, lam, np.zeros((4, 2)), np.zeros((5, 2)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="increasing"):
         EMS(lam[::-1], lam, np.zeros((5, 2)), np.zeros((5, 2)), np.zeros((5, 2)))
+
+
+def _free_port() -> int:
+    """A free localhost TCP port for the rendezvous (never collide with another launch)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

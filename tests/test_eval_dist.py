@@ -7,6 +7,7 @@ pools, as ``accelerate.debug_launcher`` does, can hang).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -25,8 +26,12 @@ def test_accelerate_two_processes_gather_equals_single_process(tmp_path):
     write_images(folder, 11, seed=0)  # odd count: uneven shards
     w = tiny_trunk_file(tmp_path)
     out = tmp_path / "two.npz"
+    with socket.socket() as sock:  # a free rendezvous port: never collide with another launch
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port),
            "-m", "fewstep.apps.cli", "eval", "stats", str(folder), str(out), "--keep-features",
            "--device", "cpu", "--batch-size", "3", "--inception-weights", str(w),
            "--no-progress", "--json"]  # fmt: skip

@@ -369,6 +369,24 @@ def run_eval(args) -> int:
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     device, rank, world = _setup(args)
+    try:
+        return _run(args, device, rank, world)
+    finally:
+        _teardown(world)
+
+
+def _teardown(world: int) -> None:
+    """Under ``accelerate launch``: wait for every rank, then destroy the process group, so no
+    rank exits with live gloo threads (that aborts with "terminate called without an active
+    exception" and fails the launch)."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _run(args, device, rank: int, world: int) -> int:
     t0 = time.perf_counter()
     out = _RUNNERS[args.metric](args, device, rank, world)
     dt = time.perf_counter() - t0
