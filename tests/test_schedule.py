@@ -127,3 +127,19 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="num_inference_steps"):
         make_grid(sched, 4.5)
     assert math.isfinite(float(sched.lambda_(999.0)))
+
+
+def test_edm_grids_follow_karras_closed_form():
+    """EDM/VE schedule: alpha = 1, sigma = t; the Karras grid is Eq. 5 of Karras et al. 2022 between
+    sigma_max and sigma_min, logsnr is uniform in log sigma, and the grid ends at sigma = 0."""
+    edm = NoiseSchedule(kind="edm", sigma_min=0.002, sigma_max=80.0)
+    n, rho = 7, 7.0
+    g = make_grid(edm, n, "karras", rho=rho)
+    ramp = np.linspace(0, 1, n)
+    ref = (80.0 ** (1 / rho) + ramp * (0.002 ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
+    np.testing.assert_allclose(g.sigmas[:-1], ref, rtol=1e-12)
+    np.testing.assert_allclose(g.alphas, np.ones(n + 1))
+    np.testing.assert_allclose(g.timesteps, ref, rtol=1e-12)  # model time t = sigma
+    assert g.sigmas[-1] == 0.0
+    lg = make_grid(edm, 5, "logsnr")
+    np.testing.assert_allclose(np.diff(np.log(lg.sigmas[:-1])), np.full(4, math.log(0.002 / 80.0) / 4), rtol=1e-12)
