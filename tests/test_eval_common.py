@@ -57,3 +57,55 @@ def write_images(folder: Path, n: int, seed: int, offset: int = 0, sizes=(24, 40
 def test_tiny_trunk_scripts(tmp_path):
     net = torch.jit.load(str(tiny_trunk_file(tmp_path)))
     assert net(torch.zeros(2, 3, 299, 299)).shape == (2, 24)
+
+
+def test_interrupted_feature_pass_resumes_to_the_same_statistics(tmp_path):
+    """extract_features(checkpoint=...) saves its sums; after an interruption the rerun continues
+    and gives the statistics of an uninterrupted pass; the checkpoint is removed at the end."""
+    import pytest
+
+    from fewstep.eval.features import extract_features
+    from fewstep.eval.images import FileImageSource
+    from fewstep.eval.inception import InceptionFeatures
+
+    folder = tmp_path / "imgs"
+    write_images(folder, 13, seed=1)
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    full = extract_features(FileImageSource(folder), ext, batch_size=2, keep_features=True, progress=False)
+
+    ckpt = tmp_path / "ref.partial"
+    calls = {"n": 0}
+    real_embed = ext.embed
+
+    def flaky_embed(x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_embed(x)
+
+    ext.embed = flaky_embed
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(FileImageSource(folder), ext, batch_size=2, keep_features=True, progress=False,
+                         checkpoint=ckpt, checkpoint_every=2)
+    assert ckpt.exists()
+    ext.embed = real_embed
+    calls["n"] = 0
+    counting = {"n": 0}
+
+    def counting_embed(x):
+        counting["n"] += 1
+        return real_embed(x)
+
+    ext.embed = counting_embed
+    resumed = extract_features(FileImageSource(folder), ext, batch_size=2, keep_features=True, progress=False,
+                               checkpoint=ckpt, checkpoint_every=2)
+    assert counting["n"] == 7 - 4  # 7 batches of 2; 4 were saved before the interruption
+    assert not ckpt.exists()
+    assert resumed.stats.n == full.stats.n == 13
+    torch.testing.assert_close(resumed.stats.mean, full.stats.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resumed.stats.cov, full.stats.cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resumed.features, full.features)
+    # a checkpoint made for other images is refused
+    torch.save({"key": {"shard": [0]}}, ckpt)
+    with pytest.raises(ValueError, match="remove it"):
+        extract_features(FileImageSource(folder), ext, batch_size=2, progress=False, checkpoint=ckpt)

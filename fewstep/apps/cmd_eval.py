@@ -164,8 +164,9 @@ def _source(spec: str, args):
     return open_image_source(spec)
 
 
-def _side(spec: str, extractor, args, device, need_features: bool):
-    """(FeatureStats, features or None, description, skipped) of one side."""
+def _side(spec: str, extractor, args, device, need_features: bool, checkpoint=None):
+    """(FeatureStats, features or None, description, skipped) of one side; ``checkpoint`` makes the
+    feature pass resumable (see :func:`fewstep.eval.features.extract_features`)."""
     from fewstep.eval.features import extract_features
     from fewstep.eval.frechet import FeatureStats
 
@@ -194,6 +195,7 @@ def _side(spec: str, extractor, args, device, need_features: bool):
         skip_bad=args.skip_bad,
         keep_features=need_features,
         progress=not args.no_progress,
+        checkpoint=checkpoint,
     )
     return res.stats, res.features, src.description, res.skipped
 
@@ -252,7 +254,9 @@ def _run_fid_kid(args, device, rank, world) -> dict:
 def _run_stats(args, device, rank, world) -> dict:
     import numpy as np
 
-    st, feats, desc, skipped = _side(args.src, _inception(args), args, device, args.keep_features)
+    # long reference passes are resumable: an interrupted run continues from OUT.partial
+    st, feats, desc, skipped = _side(args.src, _inception(args), args, device, args.keep_features,
+                                     checkpoint=f"{args.out}.partial")
     if rank == 0:
         st.meta["source"] = desc
         st.save(args.out)

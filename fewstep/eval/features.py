@@ -16,8 +16,10 @@ original order on every process.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -107,6 +109,8 @@ def extract_features(
     skip_bad: bool = False,
     keep_features: bool = False,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> FeatureResult:
     """Extract features of every image of ``source`` with ``extractor``.
 
@@ -115,6 +119,12 @@ def extract_features(
     with ``skip_bad=True`` they are skipped with a warning. ``device`` is "auto", "cpu" or
     "cuda"; ``num_workers`` DataLoader processes decode and resize. A tqdm bar shows progress
     on the main process. See the module docstring for the distributed behaviour.
+
+    ``checkpoint``: a file where the running sums (and kept features) of this process's shard are
+    saved every ``checkpoint_every`` batches (atomically; one file per rank, suffixed ``.rankN``,
+    under several processes). If it exists when the call starts, the work resumes after the last
+    saved batch, provided it was made for the same images, extractor and batch size (else a
+    ValueError says to remove it); it is deleted once the features are complete.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -146,8 +156,19 @@ def extract_features(
     )
     stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
     local_idx, local_feats, late_bad = [], [], []
+    ckpt = _Checkpoint(checkpoint, rank, world, checkpoint_every, shard, stats.meta, batch_size, keep_features)
+    done = ckpt.restore(stats, local_idx, local_feats, late_bad)
+    if done:
+        loader = DataLoader(
+            _PreparedDataset(source, extractor.prepare_fn(), shard[done:]),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=dev.type == "cuda",
+        )
     with tqdm(
-        total=len(keep), desc=f"features {source.description}", unit="img", disable=not progress or rank != 0
+        total=len(keep), initial=done * world, desc=f"features {source.description}", unit="img",
+        disable=not progress or rank != 0,
     ) as bar:
         for idx, batch, bad_items in loader:
             late_bad += [(source.names[i], e) for i, e in bad_items]
@@ -158,6 +179,8 @@ def extract_features(
                     local_idx.append(idx)
                     local_feats.append(feats)
             bar.update(len(idx) * world + len(bad_items) * world)
+            done += len(idx) + len(bad_items)
+            ckpt.step(done, stats, local_idx, local_feats, late_bad)
 
     late_bad = [b for part in _all_gather_objects(late_bad) for b in part]
     if late_bad and not skip_bad:
@@ -177,4 +200,44 @@ def extract_features(
         f = torch.cat([p[1] for p in parts])
         features = f[torch.argsort(idx)]
     names = [source.names[i] for i in keep if source.names[i] not in late_names]
+    ckpt.remove()
     return FeatureResult(stats=stats, features=features, names=names, skipped=skipped)
+
+
+class _Checkpoint:
+    """Resumable state of one process's shard in :func:`extract_features` (see ``checkpoint``)."""
+
+    def __init__(self, path, rank, world, every, shard, meta, batch_size, keep_features):
+        self.path = None if path is None else Path(f"{path}.rank{rank}" if world > 1 else path)
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
+        self.every, self.batches = every, 0
+        self.key = {"shard": list(shard), "meta": dict(meta), "batch_size": batch_size,
+                    "keep_features": keep_features}
+
+    def restore(self, stats, local_idx, local_feats, late_bad) -> int:
+        if self.path is None or not self.path.exists():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("key") != self.key:
+            raise ValueError(f"checkpoint {self.path} was made for other images, another extractor or "
+                             "batch size; remove it to start over")
+        stats.n, stats.sum, stats.sum_outer = state["n"], state["sum"], state["sum_outer"]
+        local_idx += state["idx"]
+        local_feats += state["feats"]
+        late_bad += state["late_bad"]
+        return int(state["done"])
+
+    def step(self, done, stats, local_idx, local_feats, late_bad) -> None:
+        self.batches += 1
+        if self.path is None or self.batches % self.every:
+            return
+        state = {"key": self.key, "done": done, "n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer,
+                 "idx": local_idx, "feats": local_feats, "late_bad": late_bad}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
