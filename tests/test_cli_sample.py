@@ -212,3 +212,13 @@ def test_sample_local_diffusers_folder_with_prompt(tmp_path):
         assert rec2["nfe"] == 4 and rec2["settings"]["guidance"] == "apg:scale=3.0,eta=1.0"
     no_prompt = ["sample", "--model", str(folder), "--steps", "1", "--n", "1", "--out", str(tmp_path / "x")]
     assert main(no_prompt) == 2  # a text model without a prompt: clear error
+
+
+def test_dpm_v3_on_digits_uses_the_ems_of_its_guidance_scale():
+    """The shipped EMS are statistics of the guided model: unguided runs get `digits`, CFG 2 `digits-cfg2`."""
+    from fewstep.apps.common import digits_ems_for, parse_guidance
+
+    assert digits_ems_for(parse_guidance("none")) == {"ems": "digits"}
+    assert digits_ems_for(parse_guidance("cfg:1.0")) == {"ems": "digits"}
+    assert digits_ems_for(parse_guidance("cfg:2.0")) == {"ems": "digits-cfg2"}
+    assert digits_ems_for(parse_guidance("apg:scale=5,eta=0")) == {"ems": "digits-cfg2"}

@@ -433,6 +433,25 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def digits_ems_for(gspec: "GuidanceSpec") -> dict[str, Any]:
+    """The shipped digits EMS that matches the guidance: DPM-Solver-v3's statistics are those of the
+    guided model, so CFG at scale 2 uses ``digits-cfg2`` and unguided sampling ``digits`` (other
+    methods and scales fall back to the nearer of the two). Empty when neither file is installed."""
+    unguided = gspec.method == "none" or (gspec.is_plain and gspec.scale == 1.0)
+    names = ("digits", "digits-cfg2") if unguided else ("digits-cfg2", "digits")
+    try:
+        from fewstep.samplers.ems import resolve_ems_path
+    except ImportError:
+        return {}
+    for name in names:
+        try:
+            resolve_ems_path(name)
+        except (FileNotFoundError, ValueError):
+            continue
+        return {"ems": name}
+    return {}
+
+
 def build_scheduler(model: LoadedModel, name: str, overrides: Mapping[str, Any] | str | None = None):
     """The scheduler ``name`` for ``model`` (its scheduler config + model defaults + overrides)."""
     if isinstance(overrides, (str, list)):
@@ -522,6 +541,8 @@ def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, gu
         overrides = parse_overrides(scheduler_config)
     else:
         overrides = dict(scheduler_config or {})
+    if scheduler == "dpm-v3" and model.kind == "digits" and "ems" not in overrides:
+        overrides = {**overrides, **digits_ems_for(gspec)}
     sched = build_scheduler(model, scheduler, overrides)  # validates name and overrides
     gobj = gspec.build()
     if gobj is not None and getattr(gobj, "needs_renoise", False) and not getattr(sched, "supports_renoise", False):
