@@ -18,6 +18,7 @@ Components are assigned to classes for a class-conditional model; ``c = None`` (
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,19 @@ import numpy as np
 import torch
 
 from .schedule import NoiseSchedule, from_x0_eps
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with ``torch.set_num_threads(1)``, restoring the previous count after. Small
+    models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP spin-waiting
+    makes 2-thread runs of them many times slower; tests and benchmarks use this."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

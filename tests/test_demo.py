@@ -16,19 +16,12 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'fewstep[demo]')")
 
 from fewstep.apps import demo as demo_mod  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _chromium() -> str | None:

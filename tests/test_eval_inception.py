@@ -74,7 +74,7 @@ def test_missing_weights_error_names_the_package(monkeypatch, tmp_path):
 
 @needs_inception
 @pytest.mark.parametrize("mode", ["tf", "clean"])
-def test_features_equal_direct_jit_load(inception, images, mode, one_thread):
+def test_features_equal_direct_jit_load(inception, images, mode, one_torch_thread):
     from fewstep.eval.inception import InceptionFeatures, find_inception_weights
 
     ext = inception if mode == "tf" else InceptionFeatures(preprocess="clean")
@@ -86,17 +86,8 @@ def test_features_equal_direct_jit_load(inception, images, mode, one_thread):
     assert ext.num_features == 2048 and ext.meta()["preprocess"] == mode
 
 
-@pytest.fixture
-def one_thread():
-    # the 2048x2048 eigendecompositions oversubscribe a shared 2-core machine; 1 thread is faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @needs_inception
-def test_fid_equals_torchmetrics_with_same_module(inception, images, one_thread):
+def test_fid_equals_torchmetrics_with_same_module(inception, images, one_torch_thread):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     from fewstep.eval.metrics import FID

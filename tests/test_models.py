@@ -12,14 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from fewstep.models import DigitsPipeline, load_digits_classifier, load_digits_pipeline, load_digits_split
 from fewstep.models.digits import split_indices
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tiny 8x8 models gain nothing from more, and lose a lot on a busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

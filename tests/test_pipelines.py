@@ -14,7 +14,6 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from tiny_pipelines import (
-    one_thread,
     sd3_inputs,
     sd_img2img_inputs,
     sd_inputs,
@@ -30,10 +29,7 @@ from fewstep.samplers import DPMSolverPPScheduler
 TOL = 1e-4  # max abs latent difference for "same result" (latents are O(1..5), float32)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,10 @@ text encoder pass, fully deterministic), to be used as::
 
 Sizes: SD / SD img2img / SDXL images are 32x32 px with 16x16x4 latents (VAE factor 2); SD3 images
 are 32x32 px with 16x16x4 latents. Everything is float32 on CPU. Wrap generations in
-:func:`one_thread` on shared CPUs.
+:func:`fewstep.testing.one_thread` on shared CPUs.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from diffusers import (
@@ -57,17 +55,6 @@ SD3_TEXT_DIM = 32  # SD3 joint attention width
 SD3_POOLED_DIM = 64  # SD3 pooled embedding (two CLIP projections of 32)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run the block with ``torch.set_num_threads(1)`` (restored after). The tiny models gain nothing
-    from intra-op threads, and on a loaded 2-core machine OpenMP spin-waiting makes a 2-thread
-    generation 10-50x slower than a 1-thread one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
