@@ -373,10 +373,7 @@ def make_grid(
     if timesteps is None and sigmas is None:
         if num_inference_steps is None:
             raise ValueError("pass `num_inference_steps`, `timesteps` or `sigmas`")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        check_num_inference_steps(num_inference_steps)
         if schedule.kind == "discrete" and num_inference_steps > schedule.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} exceeds the model's "
@@ -435,6 +432,14 @@ def make_grid(
         alphas=np.append(np.asarray(alphas, dtype=np.float64), a_end),
         sigmas=np.append(np.asarray(sig, dtype=np.float64), s_end),
     )
+
+
+def check_num_inference_steps(n) -> None:
+    """``TypeError``/``ValueError`` naming ``num_inference_steps`` unless it is an int >= 1."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"num_inference_steps must be an int, got {n!r}")
+    if n < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {n}")
 
 
 def _check_monotone(name: str, x: np.ndarray) -> None:

@@ -75,30 +75,27 @@ class GaussianMixture:
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}] or -1, got {c.tolist()}")
         return mask
 
-    def denoise_ve(self, y: torch.Tensor, s, c=None) -> torch.Tensor:
-        """``E[x0 | y]`` for ``y = x0 + s * eps`` (float64; ``y`` of shape (B, D); ``s`` scalar or (B,))."""
-        y = y.double()
-        s2 = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1) ** 2  # (B|1, 1, 1)
-        mu, v = self.means.double()[None], self.variances.double()[None]  # (1, K, D)
-        var = v + s2
-        diff = y[:, None, :] - mu
-        logp = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights.double())[None]
-        logp = logp.masked_fill(~self._component_mask(c, y.shape[0]), -math.inf)
-        g = torch.softmax(logp, dim=1)  # (B, K)
-        post = mu + v / var * diff
-        return (g[:, :, None] * post).sum(1)
-
-    def eps_ve(self, y: torch.Tensor, s, c=None) -> torch.Tensor:
-        """``eps(y, s) = sum_k g_k s (y - mu_k) / (v_k + s^2)`` (finite at ``s = 0``; float64)."""
+    def _posterior(self, y: torch.Tensor, s, c):
+        """Responsibilities ``g`` (B, K, 1) of the components for ``y = x0 + s * eps``, with
+        ``diff = y - mu_k`` (B, K, D), ``var = v_k + s^2`` and ``s`` shaped (B|1, 1, 1); float64."""
         y = y.double()
         s_t = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1)
-        mu, v = self.means.double()[None], self.variances.double()[None]
+        mu, v = self.means.double()[None], self.variances.double()[None]  # (1, K, D)
         var = v + s_t**2
         diff = y[:, None, :] - mu
         logp = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights.double())[None]
         logp = logp.masked_fill(~self._component_mask(c, y.shape[0]), -math.inf)
-        g = torch.softmax(logp, dim=1)
-        return (g[:, :, None] * s_t * diff / var).sum(1)
+        return torch.softmax(logp, dim=1)[:, :, None], diff, var, s_t
+
+    def denoise_ve(self, y: torch.Tensor, s, c=None) -> torch.Tensor:
+        """``E[x0 | y]`` for ``y = x0 + s * eps`` (float64; ``y`` of shape (B, D); ``s`` scalar or (B,))."""
+        g, diff, var, _ = self._posterior(y, s, c)
+        return (g * (self.means.double()[None] + self.variances.double()[None] / var * diff)).sum(1)
+
+    def eps_ve(self, y: torch.Tensor, s, c=None) -> torch.Tensor:
+        """``eps(y, s) = sum_k g_k s (y - mu_k) / (v_k + s^2)`` (finite at ``s = 0``; float64)."""
+        g, diff, var, s_t = self._posterior(y, s, c)
+        return (g * s_t * diff / var).sum(1)
 
     def prior_mean(self, c=None, batch: int = 1) -> torch.Tensor:
         """``E[x0]`` per sample (B, D) under the (class-restricted) mixture (float64)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from ..schedule import Grid
+from ..schedule import Grid, check_num_inference_steps
 from .scheduler import FewstepScheduler
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -252,10 +252,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
         per interval of the DPM-Solver-fast order schedule."""
         self._orders = None
         if self.config.method == "singlestep" and num_inference_steps is not None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            check_num_inference_steps(num_inference_steps)
             self._orders = singlestep_orders(
                 int(num_inference_steps), self.config.solver_order, self.config.final_sigmas_type == "zero"
             )
