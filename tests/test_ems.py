@@ -102,39 +102,55 @@ def test_resume_after_interruption(tmp_path):
         np.testing.assert_allclose(getattr(resumed, k), getattr(full, k), rtol=1e-12, atol=1e-14)
 
 
-_WORKER = """
-import sys, torch
-from accelerate import Accelerator
-sys.path.insert(0, {tests!r})
-from test_ems import CFG, _mix_setup
-from fewstep.samplers import compute_ems
-acc = Accelerator(cpu=True)
-_, model, x0 = _mix_setup()
-ems = compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False, accelerator=acc)
-if acc.is_main_process:
-    ems.save({out!r})
-"""
+def cli_mixture():
+    """``module:callable`` model for ``fewstep ems --model test_ems:cli_mixture``."""
+    _, model, x0 = _mix_setup()
+    return model, CFG, x0
+
+
+_CLI_ARGS = ["--model", "test_ems:cli_mixture", "--num-grid", "20", "--batch-size", "16", "--float64", "--device", "cpu",
+             "--threads", "1", "--quiet"]
+
+
+def _single_process_reference():
+    _, model, x0 = _mix_setup()
+    return compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False)
+
+
+def test_cli_single_process_equals_api(tmp_path, capsys):
+    from fewstep.apps.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    assert main(["ems", *_CLI_ARGS, "--output", str(out)]) == 0
+    assert '"world_size": 1' in capsys.readouterr().out
+    got, want = EMS.load(out), _single_process_reference()
+    for k in ("l", "s", "b"):
+        np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
+    assert got.metadata["model_id"] == "test_ems:cli_mixture"
 
 
 def test_two_process_sharding_equals_single(tmp_path):
-    """Two CPU processes (torchrun, read by ``Accelerator(cpu=True)`` as a gloo group; fresh processes: forking a process that has
-    already run torch can deadlock, so no ``debug_launcher`` here)."""
+    """``accelerate launch`` with two CPU processes (a gloo group; fresh processes: forking a process
+    that has already run torch can deadlock, so no ``debug_launcher``) shards the batches and
+    reduces the sums to the single-process EMS; the launch exits cleanly (the group is torn down)."""
     import os
     import subprocess
     import sys
 
-    out = str(tmp_path / "sharded.safetensors")
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER.format(tests=os.path.dirname(__file__), out=out))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(script)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    out = tmp_path / "sharded.safetensors"
+    tests = os.path.dirname(__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "fewstep.apps.cli", "ems", *_CLI_ARGS, "--output", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert '"world_size": 2' in res.stdout
     sharded = EMS.load(out)
     assert sharded.metadata["world_size"] == 2
-    _, model, x0 = _mix_setup()
-    single = compute_ems(model, CFG, x0, num_grid=20, batch_size=16, dtype=torch.float64, progress=False)
+    single = _single_process_reference()
     for k in ("l", "s", "b"):
         np.testing.assert_allclose(getattr(sharded, k), getattr(single, k), rtol=1e-7, atol=1e-10)  # s = cov/var amplifies summation order
 

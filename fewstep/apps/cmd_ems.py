@@ -5,6 +5,9 @@ Models: ``digits`` (the bundled teacher; data = its training split, labels as co
 local diffusers model folder (``unet/`` + ``scheduler/`` subfolders or a bare UNet folder with
 ``--scheduler-config``; data from ``--data`` .pt/.safetensors file holding clean samples/latents),
 or ``module:callable`` returning ``(model, scheduler_config, data)``.
+
+Several processes (``accelerate launch --num_processes N -m fewstep.apps.cli ems ...``) shard the
+batches round-robin and reduce the sums; the result equals a single-process run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 from pathlib import Path
 
 
@@ -30,13 +34,20 @@ def _load_data(path: str):
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
-def _resolve(args: argparse.Namespace):
-    """-> (model(x, t, c), scheduler_config, data, cond, uncond, model_id)."""
+def _placement(args: argparse.Namespace, device) -> dict:
+    """Keyword arguments of ``Module.to`` for the model: the run's device, float64 on request."""
+    import torch
+
+    return {"device": device or "cpu", "dtype": torch.float64 if getattr(args, "float64", False) else torch.float32}
+
+
+def _resolve(args: argparse.Namespace, device=None):
+    """-> (model(x, t, c), scheduler_config, data, cond, uncond, model_id); UNets are moved to ``device``."""
     if args.model == "digits":
         from fewstep.models import load_digits_split
         from fewstep.models.pipeline import load_digits_scheduler_config, load_digits_teacher_unet
 
-        unet = load_digits_teacher_unet()
+        unet = load_digits_teacher_unet().to(**_placement(args, device))
         x, y = load_digits_split("train")
         model = lambda x_, t, c: unet(x_, t, class_labels=c).sample  # noqa: E731
         import torch
@@ -56,7 +67,7 @@ def _resolve(args: argparse.Namespace):
     from diffusers import UNet2DModel
 
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
-    unet = UNet2DModel.from_pretrained(str(unet_dir)).eval().requires_grad_(False)
+    unet = UNet2DModel.from_pretrained(str(unet_dir)).eval().requires_grad_(False).to(**_placement(args, device))
     cfg_path = Path(args.scheduler_config) if args.scheduler_config else folder / "scheduler" / "scheduler_config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"scheduler config {cfg_path} not found; pass --scheduler-config")
@@ -66,22 +77,45 @@ def _resolve(args: argparse.Namespace):
     return model, json.loads(cfg_path.read_text()), _load_data(args.data), None, None, str(folder)
 
 
+def _accelerator(args: argparse.Namespace):
+    """An ``Accelerator`` when launched with several processes (``accelerate launch`` /
+    ``torchrun`` set ``WORLD_SIZE``), else ``None``: batches are then sharded across ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=args.device == "cpu")
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from fewstep.apps.common import resolve_device
     from fewstep.samplers.ems import compute_ems
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    model, config, data, cond, uncond, model_id = _resolve(args)
-    ems = compute_ems(
-        model, config, data, num_grid=args.num_grid, num_samples=args.num_samples, batch_size=args.batch_size,
-        t_range=tuple(args.t_range) if args.t_range else None, cond=cond, uncond=uncond,
-        guidance_scale=args.guidance_scale, pairs_per_call=args.pairs_per_call, seed=args.seed,
-        checkpoint=args.checkpoint, model_id=model_id, progress=not args.quiet,
-    )
-    path = ems.save(args.output)
-    print(json.dumps({"output": str(path), **{k: ems.metadata.get(k) for k in
-                      ("num_grid", "num_samples", "guidance_scale", "t_range", "seconds")}}, indent=2))
+    acc = _accelerator(args)
+    device = acc.device if acc is not None else resolve_device(args.device)
+    try:
+        model, config, data, cond, uncond, model_id = _resolve(args, device)
+        ems = compute_ems(
+            model, config, data, num_grid=args.num_grid, num_samples=args.num_samples, batch_size=args.batch_size,
+            t_range=tuple(args.t_range) if args.t_range else None, cond=cond, uncond=uncond,
+            guidance_scale=args.guidance_scale, pairs_per_call=args.pairs_per_call, seed=args.seed,
+            checkpoint=args.checkpoint, model_id=model_id, progress=not args.quiet, device=device,
+            dtype=torch.float64 if args.float64 else torch.float32, accelerator=acc,
+        )
+        if acc is None or acc.is_main_process:
+            path = ems.save(args.output)
+            print(json.dumps({"output": str(path), "world_size": 1 if acc is None else acc.num_processes,
+                              **{k: ems.metadata.get(k) for k in
+                                 ("num_grid", "num_samples", "guidance_scale", "t_range", "seconds")}}, indent=2))
+    finally:
+        if acc is not None:  # a gloo/nccl group left alive at exit aborts the process
+            acc.wait_for_everyone()
+            acc.end_training()
     return 0
 
 
@@ -102,6 +136,8 @@ def register(subparsers) -> None:
     p.add_argument("--unconditional", action="store_true", help="digits: use the null label for every sample")
     p.add_argument("--checkpoint", default=None, help="resume file (written after every batch)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
+    p.add_argument("--float64", action="store_true", help="run the model in float64 (exact-model studies)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per process")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)

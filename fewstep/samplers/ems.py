@@ -457,7 +457,9 @@ def compute_ems(
         checkpoint: file to save progress to after every batch; an existing one with the same
             settings is resumed.
         accelerator: an ``accelerate.Accelerator``: batches are sharded round-robin across its
-            processes and the sums reduced; every process returns the same EMS.
+            processes and the sums reduced; every process returns the same EMS. The caller owns
+            the process group: end the script with ``accelerator.end_training()`` (a gloo group
+            left alive at exit aborts the process).
         model_id: free-form model identifier recorded in the metadata.
         progress: show tqdm bars (main process only).
 
