@@ -253,6 +253,34 @@ def test_train_teacher_resumes_exactly(tmp_path, monkeypatch):
         T.train_teacher({"stepz": 3}, work_dir=tmp_path / "c", progress=False)
 
 
+def test_train_classifier_resumes_exactly_and_refuses_other_config(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from fewstep.models import train as T
+
+    cfg = {"epochs": 2, "batch_size": 256, "checkpoint_every": 1, "width": 8, "feature_dim": 16}
+    T.train_classifier(cfg, work_dir=tmp_path / "a", output_dir=tmp_path / "a_out", progress=False)
+    real_augment, calls = T._augment, []
+
+    def interrupt(*a, **k):  # stop in the second epoch, after the first epoch's checkpoint
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_augment(*a, **k)
+
+    monkeypatch.setattr(T, "_augment", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_classifier(cfg, work_dir=tmp_path / "b", output_dir=tmp_path / "b_out", progress=False)
+    monkeypatch.setattr(T, "_augment", real_augment)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+    T.train_classifier(cfg, work_dir=tmp_path / "b", output_dir=tmp_path / "b_out", progress=False)
+    wa = load_file(str(tmp_path / "a_out" / "digits_classifier.safetensors"))
+    wb = load_file(str(tmp_path / "b_out" / "digits_classifier.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="different config"):
+        T.train_classifier({**cfg, "lr": 1e-3}, work_dir=tmp_path / "b", progress=False)
+
+
 def test_cli_registers_training_commands():
     from fewstep.apps.cli import build_parser
 

@@ -94,11 +94,32 @@ def _merge(defaults: dict, overrides: dict | None) -> dict:
     return out
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _save_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generator, **extra) -> None:
+    """Atomically write a resumable checkpoint: ``cfg``, the ``state_dict()`` of every object in
+    ``objects`` (model, EMA, optimiser, LR scheduler, ...), the data generator's and torch's RNG
+    states and ``extra`` counters (step/epoch, losses, elapsed seconds)."""
+    state = {"config": cfg, **{k: o.state_dict() for k, o in objects.items()}, "gen": gen.get_state(),
+             "torch_rng": torch.get_rng_state(), **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _resume_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generator) -> dict | None:
+    """Restore what :func:`_save_checkpoint` wrote (objects, RNG states) and return the whole
+    state for its counters; ``None`` when there is no checkpoint. A checkpoint made with another
+    config is a ``ValueError`` (continuing it would silently mix two runs)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != cfg:
+        raise ValueError(f"checkpoint {path} was made with a different config; remove it or pass work_dir")
+    for k, o in objects.items():
+        o.load_state_dict(state[k])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
 
 
 def _lr_at(step: int, cfg: dict) -> float:
@@ -172,15 +193,9 @@ def train_teacher(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     start, losses, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != cfg:
-            raise ValueError(f"checkpoint {ckpt_path} was made with a different config; remove it or pass work_dir")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+    stateful = {"model": model, "ema": ema, "opt": opt}
+    state = _resume_checkpoint(ckpt_path, cfg, stateful, gen)
+    if state is not None:
         start, losses, elapsed = state["step"], state["losses"], state["elapsed"]
 
     model.train()
@@ -213,11 +228,7 @@ def train_teacher(
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         done = step + 1
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
-            _save_checkpoint(ckpt_path, {
-                "config": cfg, "step": done, "model": model.state_dict(), "ema": ema.state_dict(),
-                "opt": opt.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "losses": losses, "elapsed": time.time() - t0,
-            })
+            _save_checkpoint(ckpt_path, cfg, stateful, gen, step=done, losses=losses, elapsed=time.time() - t0)
     wall = time.time() - t0
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -292,15 +303,9 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total_steps)
     gen = torch.Generator().manual_seed(cfg["seed"])
     start, t0 = 0, time.time()
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != cfg:
-            raise ValueError(f"checkpoint {ckpt_path} was made with a different config; remove it or pass work_dir")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+    stateful = {"model": model, "opt": opt, "sched": sched}
+    state = _resume_checkpoint(ckpt_path, cfg, stateful, gen)
+    if state is not None:
         start, t0 = state["epoch"], time.time() - state["elapsed"]
 
     bar = tqdm(range(start, cfg["epochs"]), initial=start, total=cfg["epochs"], desc="train-classifier", disable=not progress)
@@ -318,11 +323,7 @@ def train_classifier(
         bar.set_postfix(loss=f"{float(loss):.4f}")
         done = epoch + 1
         if done % cfg["checkpoint_every"] == 0 or done == cfg["epochs"]:
-            _save_checkpoint(ckpt_path, {
-                "config": cfg, "epoch": done, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "elapsed": time.time() - t0,
-            })
+            _save_checkpoint(ckpt_path, cfg, stateful, gen, epoch=done, elapsed=time.time() - t0)
     model.eval()
     with torch.no_grad():
         test_acc = float((model(x_test).argmax(1) == y_test).float().mean())
