@@ -1,17 +1,25 @@
 """Batched, optionally distributed feature extraction from an image source.
 
-One pipeline serves every extractor (Inception for FID/KID, the digits classifier for
-FD-digits). An *extractor* is an ``nn.Module`` with
+One pipeline serves every per-image metric: Inception features for FID/KID, the digits
+classifier for FD-digits (features, plus logits for the accuracy) and CLIP score (the per-pair
+score as a one-dimensional feature). An *extractor* is an ``nn.Module`` with
 
 * ``prepare_fn()`` -> picklable callable: uint8 (3, H, W) image -> prepared tensor (runs in
   DataLoader workers, so images of different sizes are resized before batching);
 * ``embed(batch)`` -> (B, D) features of a stacked batch of prepared tensors;
-* ``num_features`` (D) and ``meta()`` (what statistics record: extractor, preprocessing).
+* ``num_features`` (D) and ``meta()`` (what statistics record: extractor, preprocessing);
+* optionally ``embed_indexed(batch, index)`` -> ``(features, extra)``, called instead of
+  ``embed`` with the (B,) source indices of the batch's images. It serves extractors that need
+  per-image side information (CLIP looks up the prompt of image ``index[k]``) or give per-image
+  outputs besides the features: ``extra`` is a (B, K) tensor or None, gathered in source order
+  into :attr:`FeatureResult.extra` (the digits logits).
+
+Features are returned as float32, or float64 when the extractor returns float64 (CLIP scores).
 
 Under ``accelerate launch`` (or any initialised ``torch.distributed`` group) the images are
 sharded round-robin (rank r takes indices r, r+W, ...), each process extracts its share, the
-float64 running sums are all-reduced and, when asked, the features are gathered back into the
-original order on every process.
+float64 running sums are all-reduced and the features (when asked) and extras are gathered back
+into the original order on every process, so every result equals a single-process run.
 """
 
 from __future__ import annotations
@@ -61,6 +69,29 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
+def _gather_in_order(idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows computed by every process for the source indices ``idx``, gathered on every process
+    and sorted by index (source order); None when no process has any rows."""
+    parts = [p for p in _all_gather_objects((idx, rows)) if p[1] is not None]
+    if not parts:
+        return None
+    order = torch.argsort(torch.cat([p[0] for p in parts]))
+    return torch.cat([p[1] for p in parts])[order]
+
+
+def _embed(extractor, batch: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features, extra) of one batch on the CPU: ``embed_indexed`` when the extractor has it, else
+    ``embed``; float64 output stays float64, anything else becomes float32."""
+    hook = getattr(extractor, "embed_indexed", None)
+    feats, extra = hook(batch, idx) if hook is not None else (extractor.embed(batch), None)
+
+    def cpu(t):
+        t = t.detach().cpu()
+        return t if t.dtype == torch.float64 else t.float()
+
+    return cpu(feats), None if extra is None else cpu(extra)
+
+
 class _PreparedDataset(Dataset):
     def __init__(self, source: ImageSource, prepare, indices: list[int]):
         self.source, self.prepare, self.indices = source, prepare, indices
@@ -88,15 +119,21 @@ def _collate(items):
 class FeatureResult:
     """Output of :func:`extract_features`.
 
-    ``stats``: float64 running statistics over all processes. ``features``: (N, D) float32 in
-    source order (None unless ``keep_features``). ``names``: names of the images used, in
-    order. ``skipped``: ``(name, reason)`` of bad files that were skipped.
+    ``stats``: float64 running statistics over all processes. ``features``: (N, D) float32
+    (float64 if the extractor returns float64) in source order (None unless ``keep_features``).
+    ``names``: names of the images used, in order; ``indices``: their indices in the source.
+    ``skipped``: ``(name, reason)`` of bad files that were skipped. ``extra``: (N, K) per-image
+    extras of an ``embed_indexed`` extractor in source order (else None). ``per_process``: how
+    many images each process embedded, in rank order (``[N]`` in a single process).
     """
 
     stats: FeatureStats
     features: torch.Tensor | None
     names: list[str]
     skipped: list[tuple[str, str]]
+    extra: torch.Tensor | None = None
+    indices: list[int] | None = None
+    per_process: list[int] | None = None
 
 
 def extract_features(
@@ -155,9 +192,9 @@ def extract_features(
         pin_memory=dev.type == "cuda",
     )
     stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
-    local_idx, local_feats, late_bad = [], [], []
+    local_idx, local_feats, local_extra, late_bad = [], [], [], []
     ckpt = _Checkpoint(checkpoint, rank, world, checkpoint_every, shard, stats.meta, batch_size, keep_features)
-    done = ckpt.restore(stats, local_idx, local_feats, late_bad)
+    done = ckpt.restore(stats, local_idx, local_feats, local_extra, late_bad)
     if done:
         loader = DataLoader(
             _PreparedDataset(source, extractor.prepare_fn(), shard[done:]),
@@ -173,16 +210,20 @@ def extract_features(
         for idx, batch, bad_items in loader:
             late_bad += [(source.names[i], e) for i, e in bad_items]
             if batch is not None:
-                feats = extractor.embed(batch.to(dev, non_blocking=True)).float().cpu()
+                feats, extra = _embed(extractor, batch.to(dev, non_blocking=True), idx)
                 stats.update(feats)
+                local_idx.append(idx)
                 if keep_features:
-                    local_idx.append(idx)
                     local_feats.append(feats)
+                if extra is not None:
+                    local_extra.append(extra)
             bar.update(len(idx) * world + len(bad_items) * world)
             done += len(idx) + len(bad_items)
-            ckpt.step(done, stats, local_idx, local_feats, late_bad)
+            ckpt.step(done, stats, local_idx, local_feats, local_extra, late_bad)
 
-    late_bad = [b for part in _all_gather_objects(late_bad) for b in part]
+    parts = _all_gather_objects((late_bad, stats.n))
+    late_bad = [b for part, _ in parts for b in part]
+    per_process = [n for _, n in parts]
     if late_bad and not skip_bad:
         raise BadImagesError(source.description, sorted(late_bad))
     late_names = {n for n, _ in late_bad}
@@ -191,17 +232,17 @@ def extract_features(
         warnings.warn(f"skipped {len(skipped)} bad file(s) in {source.description}", stacklevel=2)
 
     stats.all_reduce()
+    idx = torch.cat(local_idx) if local_idx else torch.zeros(0, dtype=torch.long)
     features = None
     if keep_features:
-        idx = torch.cat(local_idx) if local_idx else torch.zeros(0, dtype=torch.long)
-        f = torch.cat(local_feats) if local_feats else torch.zeros(0, stats.dim)
-        parts = _all_gather_objects((idx, f))
-        idx = torch.cat([p[0] for p in parts])
-        f = torch.cat([p[1] for p in parts])
-        features = f[torch.argsort(idx)]
-    names = [source.names[i] for i in keep if source.names[i] not in late_names]
+        features = _gather_in_order(idx, torch.cat(local_feats) if local_feats else None)
+        if features is None:
+            features = torch.zeros(0, stats.dim)
+    extra = _gather_in_order(idx, torch.cat(local_extra) if local_extra else None)
+    used = [i for i in keep if source.names[i] not in late_names]
     ckpt.remove()
-    return FeatureResult(stats=stats, features=features, names=names, skipped=skipped)
+    return FeatureResult(stats=stats, features=features, names=[source.names[i] for i in used], skipped=skipped,
+                         extra=extra, indices=used, per_process=per_process)
 
 
 class _Checkpoint:
@@ -215,7 +256,7 @@ class _Checkpoint:
         self.key = {"shard": list(shard), "meta": dict(meta), "batch_size": batch_size,
                     "keep_features": keep_features}
 
-    def restore(self, stats, local_idx, local_feats, late_bad) -> int:
+    def restore(self, stats, local_idx, local_feats, local_extra, late_bad) -> int:
         if self.path is None or not self.path.exists():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -225,15 +266,16 @@ class _Checkpoint:
         stats.n, stats.sum, stats.sum_outer = state["n"], state["sum"], state["sum_outer"]
         local_idx += state["idx"]
         local_feats += state["feats"]
+        local_extra += state.get("extra", [])
         late_bad += state["late_bad"]
         return int(state["done"])
 
-    def step(self, done, stats, local_idx, local_feats, late_bad) -> None:
+    def step(self, done, stats, local_idx, local_feats, local_extra, late_bad) -> None:
         self.batches += 1
         if self.path is None or self.batches % self.every:
             return
         state = {"key": self.key, "done": done, "n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer,
-                 "idx": local_idx, "feats": local_feats, "late_bad": late_bad}
+                 "idx": local_idx, "feats": local_feats, "extra": local_extra, "late_bad": late_bad}
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # atomic: an interrupted save never corrupts the last checkpoint
