@@ -9,8 +9,11 @@ Sub-commands (each returns exit code 0, prints a summary line, or JSON with ``--
     fewstep eval stats SRC OUT.npz      # reference statistics, computed once and reused
 
 Under ``accelerate launch`` (e.g. ``accelerate launch --num_processes 2 -m fewstep.apps.cli eval
-fid ...``) images are sharded across processes and features/statistics gathered; only the main
-process prints.
+clip ...``) every metric (fid, kid, clip, fd-digits, stats) shards its images (and prompts)
+round-robin across processes through :func:`fewstep.eval.features.extract_features`; sums are
+all-reduced and per-image results (KID features, CLIP pair scores, digits logits) gathered in
+file order, so the numbers equal a single-process run; only the main process prints or writes.
+``per_process`` in the JSON says how many images each process handled.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 __all__ = ["register", "run_eval"]
@@ -164,10 +166,28 @@ def _source(spec: str, args):
     return open_image_source(spec)
 
 
-def _side(spec: str, extractor, args, device, need_features: bool, checkpoint=None):
-    """(FeatureStats, features or None, description, skipped) of one side; ``checkpoint`` makes the
-    feature pass resumable (see :func:`fewstep.eval.features.extract_features`)."""
+def _extract(src, extractor, args, device, keep_features: bool, checkpoint=None):
+    """:func:`fewstep.eval.features.extract_features` with the CLI's options: the one sharded
+    feature pass behind every metric."""
     from fewstep.eval.features import extract_features
+
+    return extract_features(
+        src,
+        extractor,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        skip_bad=args.skip_bad,
+        keep_features=keep_features,
+        progress=not args.no_progress,
+        checkpoint=checkpoint,
+    )
+
+
+def _side(spec: str, extractor, args, device, need_features: bool, checkpoint=None):
+    """(FeatureStats, features or None, description, skipped, images per process or None) of one
+    side; ``checkpoint`` makes the feature pass resumable (see
+    :func:`fewstep.eval.features.extract_features`)."""
     from fewstep.eval.frechet import FeatureStats
 
     if _is_npz(spec):
@@ -184,20 +204,10 @@ def _side(spec: str, extractor, args, device, need_features: bool, checkpoint=No
                         "recompute with `fewstep eval stats SRC OUT --keep-features`"
                     )
                 feats = torch.from_numpy(z["feats"])
-        return st, feats, f"statistics {spec}", []
+        return st, feats, f"statistics {spec}", [], None
     src = _source(spec, args)
-    res = extract_features(
-        src,
-        extractor,
-        batch_size=args.batch_size,
-        device=device,
-        num_workers=args.num_workers,
-        skip_bad=args.skip_bad,
-        keep_features=need_features,
-        progress=not args.no_progress,
-        checkpoint=checkpoint,
-    )
-    return res.stats, res.features, src.description, res.skipped
+    res = _extract(src, extractor, args, device, need_features, checkpoint)
+    return res.stats, res.features, src.description, res.skipped, res.per_process
 
 
 def _inception(args):
@@ -225,11 +235,11 @@ def _run_fid_kid(args, device, rank, world) -> dict:
     kid = args.metric == "kid"
     # statistics on both sides need no network
     ext = None if (not kid and _is_npz(args.gen) and _is_npz(args.ref)) else _inception(args)
-    g_st, g_f, g_desc, g_skip = _side(args.gen, ext, args, device, kid)
-    r_st, r_f, r_desc, r_skip = _side(args.ref, ext, args, device, kid)
+    g_st, g_f, g_desc, g_skip, g_pp = _side(args.gen, ext, args, device, kid)
+    r_st, r_f, r_desc, r_skip, r_pp = _side(args.ref, ext, args, device, kid)
     out = {
-        "gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip]},
-        "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip]},
+        "gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip], "per_process": g_pp},
+        "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip], "per_process": r_pp},
         "extractor": g_st.meta.get("extractor"),
         "preprocess": g_st.meta.get("preprocess"),
     }
@@ -255,7 +265,7 @@ def _run_stats(args, device, rank, world) -> dict:
     import numpy as np
 
     # long reference passes are resumable: an interrupted run continues from OUT.partial
-    st, feats, desc, skipped = _side(args.src, _inception(args), args, device, args.keep_features,
+    st, feats, desc, skipped, per_process = _side(args.src, _inception(args), args, device, args.keep_features,
                                      checkpoint=f"{args.out}.partial")
     if rank == 0:
         st.meta["source"] = desc
@@ -270,29 +280,14 @@ def _run_stats(args, device, rank, world) -> dict:
         "n": st.n,
         "source": desc,
         "skipped": [n for n, _ in skipped],
+        "per_process": per_process,
         "extractor": st.meta.get("extractor"),
         "preprocess": st.meta.get("preprocess"),
     }
 
 
-def _good_indices(src, args, progress):
-    from fewstep.eval.images import BadImagesError, find_bad_images
-
-    bad = find_bad_images(src, progress=progress)
-    if bad and not args.skip_bad:
-        raise BadImagesError(src.description, bad)
-    if bad:
-        warnings.warn(f"skipped {len(bad)} bad file(s) in {src.description}", stacklevel=2)
-    badn = {n for n, _ in bad}
-    return [i for i in range(len(src)) if src.names[i] not in badn], bad
-
-
 def _run_clip(args, device, rank, world) -> dict:
-    import torch
-    from tqdm.auto import tqdm
-
-    from fewstep.eval.clip_score import CLIPScorer
-    from fewstep.eval.features import _all_gather_objects
+    from fewstep.eval.clip_score import CLIPPairScores, CLIPScorer, clip_score_from_pair_scores
     from fewstep.eval.images import open_image_source
 
     src = open_image_source(args.gen)
@@ -310,20 +305,12 @@ def _run_clip(args, device, rank, world) -> dict:
                 f"--prompts has {len(prompts)} non-empty lines for {len(src)} files in {args.gen} "
                 "(one per file, sorted order)"
             )
-    keep, bad = _good_indices(src, args, not args.no_progress and rank == 0)
-    scorer = CLIPScorer(args.clip_model, device)
-    mine = keep[rank::world]
-    scores = []
-    for k in tqdm(range(0, len(mine), args.batch_size), desc="clip", disable=args.no_progress or rank != 0):
-        idx = mine[k : k + args.batch_size]
-        scores.append(scorer.pair_scores([src.load(i) for i in idx], [prompts[i] for i in idx]))
-    local = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
-    allp = torch.cat(_all_gather_objects(local))
-    if len(allp) < 1:
-        raise ValueError("no images to score")
+    # per-pair scores (float64) of this process's shard, gathered in file order
+    res = _extract(src, CLIPPairScores(CLIPScorer(args.clip_model, device), prompts), args, device, True)
     return {
-        "value": max(float(allp.mean()), 0.0),
-        "gen": {"source": src.description, "n": len(allp), "skipped": [n for n, _ in bad]},
+        "value": clip_score_from_pair_scores(res.features),
+        "gen": {"source": src.description, "n": res.stats.n, "skipped": [n for n, _ in res.skipped],
+                "per_process": res.per_process},
         "clip_model": str(args.clip_model),
         "definition": "max(mean(100*cos), 0) (torchmetrics CLIPScore)",
     }
@@ -332,27 +319,30 @@ def _run_clip(args, device, rank, world) -> dict:
 def _run_fd_digits(args, device, rank, world) -> dict:
     import torch
 
-    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits
+    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits_from_stats
     from fewstep.eval.images import open_image_source
 
     src = open_image_source(args.gen)
-    keep, bad = _good_indices(src, args, not args.no_progress and rank == 0)
-    images = [src.load(i) for i in keep]
     if args.labels:
         all_labels = [int(s) for s in _read_lines(args.labels)]
         if len(all_labels) != len(src):
             raise ValueError(f"--labels has {len(all_labels)} lines for {len(src)} files (one per file, sorted order)")
-        labels = [all_labels[i] for i in keep]
+    ext = DigitsFeatures()
+    # features summed over processes; logits (for the accuracy) gathered in file order
+    res = _extract(src, ext, args, device, False)
+    if args.labels:
+        labels = [all_labels[i] for i in res.indices]
     else:
-        labels = [_label_of(src.names[i]) for i in keep]
+        labels = [_label_of(name) for name in res.names]
         labels = None if any(lab is None for lab in labels) else labels
-    ext = DigitsFeatures().to(device)
-    res = fd_digits(images, None if labels is None else torch.tensor(labels), extractor=ext, batch_size=args.batch_size)
+    out = fd_digits_from_stats(res.stats, res.extra, None if labels is None else torch.tensor(labels),
+                               extractor=ext, batch_size=args.batch_size)
     return {
-        "value": res["fd"],
-        "accuracy": res["accuracy"],
-        "gen": {"source": src.description, "n": res["n"], "skipped": [n for n, _ in bad]},
-        "ref": {"source": "digits test split", "n": res["n_ref"]},
+        "value": out["fd"],
+        "accuracy": out["accuracy"],
+        "gen": {"source": src.description, "n": out["n"], "skipped": [n for n, _ in res.skipped],
+                "per_process": res.per_process},
+        "ref": {"source": "digits test split", "n": out["n_ref"]},
         "extractor": ext.name,
     }
 

@@ -13,6 +13,11 @@ Double-rescale guard: ``CLIPImageProcessor`` multiplies by 1/255 unconditionally
 images in [0, 1] would be rescaled twice, silently (eval.md section 1.1). Images are therefore
 always converted to uint8 first: uint8 passes, float in [0, 1] is rounded ``round(x*255)``,
 anything else is a ValueError.
+
+Several processes: :class:`CLIPPairScores` is the extractor that runs CLIP score through the
+sharded pipeline of :func:`fewstep.eval.features.extract_features` (``fewstep eval clip`` under
+``accelerate launch``); the per-pair scores come back in source order and
+:func:`clip_score_from_pair_scores` takes the same clamped mean as a single process.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .preprocess import to_rgb, to_uint8
 
-__all__ = ["CLIPScorer", "clip_score"]
+__all__ = ["CLIPScorer", "CLIPPairScores", "clip_score", "clip_score_from_pair_scores"]
 
 
 class CLIPScorer:
@@ -80,25 +86,17 @@ class CLIPScorer:
                 return v
         raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
 
-    @torch.no_grad()
-    def pair_scores(self, images, prompts: list[str]) -> torch.Tensor:
-        """``100 * cos`` per (image, prompt) pair, float64 (B,).
+    def pixel_values(self, images) -> torch.Tensor:
+        """CLIP pixel values (B, 3, S, S) float32 of ``images`` (as in :meth:`pair_scores`), made by
+        the model's processor from uint8 RGB; the processor treats each image on its own."""
+        return _pixel_values(self.processor, _rgb_uint8_list(images))
 
-        ``images``: uint8 (B, C, H, W) or float in [0, 1] (rounded to uint8), or a list of
-        (C, H, W) tensors; C in {1, 3, 4} (grey replicated, alpha dropped).
-        """
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of str")
-        if isinstance(images, (list, tuple)):
-            imgs = [to_rgb(to_uint8(im).unsqueeze(0))[0] for im in images]
-        elif isinstance(images, torch.Tensor) and images.ndim == 4:
-            imgs = list(to_rgb(to_uint8(images)))
-        else:
-            raise TypeError("images must be a (B, C, H, W) tensor or a list of (C, H, W) tensors")
-        if len(imgs) != len(prompts):
-            raise ValueError(f"got {len(imgs)} images but {len(prompts)} prompts")
-        pix = self.processor(images=[im.cpu() for im in imgs], return_tensors="pt")["pixel_values"]
-        img = self._embedding(self.model.get_image_features(pixel_values=pix.to(self.device)))
+    @torch.no_grad()
+    def scores_from_pixels(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``100 * cos`` per (image, prompt) pair, float64 (B,), from :meth:`pixel_values` output."""
+        if len(pixel_values) != len(prompts):
+            raise ValueError(f"got {len(pixel_values)} images but {len(prompts)} prompts")
+        img = self._embedding(self.model.get_image_features(pixel_values=pixel_values.to(self.device)))
         tok = self.processor(
             text=list(prompts),
             return_tensors="pt",
@@ -115,13 +113,97 @@ class CLIPScorer:
         txt = txt.double() / txt.double().norm(dim=-1, keepdim=True)
         return (100.0 * (img * txt).sum(-1)).cpu()
 
+    def pair_scores(self, images, prompts: list[str]) -> torch.Tensor:
+        """``100 * cos`` per (image, prompt) pair, float64 (B,).
+
+        ``images``: uint8 (B, C, H, W) or float in [0, 1] (rounded to uint8), or a list of
+        (C, H, W) tensors; C in {1, 3, 4} (grey replicated, alpha dropped).
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of str")
+        imgs = _rgb_uint8_list(images)
+        if len(imgs) != len(prompts):
+            raise ValueError(f"got {len(imgs)} images but {len(prompts)} prompts")
+        return self.scores_from_pixels(_pixel_values(self.processor, imgs), prompts)
+
     def score(self, images, prompts: list[str], batch_size: int = 32) -> float:
         """Clamped mean CLIP score over all pairs (torchmetrics ``CLIPScore`` definition)."""
         n = len(prompts)
         s = torch.cat(
             [self.pair_scores(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, n, batch_size)]
         )
-        return max(float(s.mean()), 0.0)
+        return clip_score_from_pair_scores(s)
+
+
+def clip_score_from_pair_scores(scores: torch.Tensor) -> float:
+    """CLIP score from per-pair ``100 * cos`` values (N,) or (N, 1): ``max(mean, 0)``, torchmetrics'
+    definition (the mean is clamped, not each pair). Raises ValueError when there are none."""
+    scores = torch.as_tensor(scores).flatten()
+    if len(scores) < 1:
+        raise ValueError("no images to score")
+    return max(float(scores.mean()), 0.0)
+
+
+def _rgb_uint8_list(images) -> list[torch.Tensor]:
+    """(B, C, H, W) tensor or list of (C, H, W) tensors -> list of uint8 RGB (3, H, W) CPU tensors."""
+    if isinstance(images, (list, tuple)):
+        imgs = [to_rgb(to_uint8(im).unsqueeze(0))[0] for im in images]
+    elif isinstance(images, torch.Tensor) and images.ndim == 4:
+        imgs = list(to_rgb(to_uint8(images)))
+    else:
+        raise TypeError("images must be a (B, C, H, W) tensor or a list of (C, H, W) tensors")
+    return [im.cpu() for im in imgs]
+
+
+def _pixel_values(processor, imgs: list[torch.Tensor]) -> torch.Tensor:
+    """The processor's pixel values of uint8 RGB images: the one place images enter CLIP."""
+    return processor(images=imgs, return_tensors="pt")["pixel_values"]
+
+
+class _CLIPPixels:
+    """Picklable per-image preprocessing for data loaders: uint8 (3, H, W) -> CLIP pixel values."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return _pixel_values(self.processor, _rgb_uint8_list([image]))[0]
+
+
+class CLIPPairScores(nn.Module):
+    """CLIP score as an extractor for :func:`fewstep.eval.features.extract_features`, which shards
+    the images across processes: the "feature" of source image ``i`` is its pair score
+    ``100 * cos(E_img(image_i), E_txt(prompts[i]))`` (float64, shape (B, 1)), the same numbers as
+    :meth:`CLIPScorer.pair_scores`. ``prompts`` has one entry per image of the source, by source
+    index (bad files that get skipped keep their slot). With ``keep_features=True`` the result's
+    features are the per-pair scores in source order; :func:`clip_score_from_pair_scores` of them
+    is the CLIP score.
+    """
+
+    num_features = 1
+
+    def __init__(self, scorer: CLIPScorer, prompts: list[str], name: str = "clip"):
+        super().__init__()
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of str")
+        self.scorer, self.prompts, self.name = scorer, list(prompts), name
+
+    def meta(self) -> dict:
+        """Extractor and preprocessing identifiers (recorded in the statistics)."""
+        return {"extractor": f"clip-pair-score:{self.name}", "preprocess": "clip-processor-uint8", "dim": 1}
+
+    def prepare_fn(self):
+        """Per-image preprocessing: the CLIP image processor on uint8 RGB (picklable)."""
+        return _CLIPPixels(self.scorer.processor)
+
+    def embed_indexed(self, pixel_values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Pair scores (B, 1) float64 of prepared images whose source indices are ``index``."""
+        prompts = [self.prompts[i] for i in index.tolist()]
+        return self.scorer.scores_from_pixels(pixel_values, prompts).unsqueeze(1), None
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Not available: a pair score needs the prompt, i.e. the image's index (use ``embed_indexed``)."""
+        raise TypeError("CLIPPairScores scores (image, prompt) pairs: call embed_indexed(pixel_values, index)")
 
 
 def clip_score(

@@ -13,6 +13,11 @@ averaged to grey (exact for grey PNGs saved as L or RGB), area-averaged down to 
 image upscaled by nearest), then mapped ``[0, 255] -> [-1, 1]`` by ``x / 127.5 - 1`` without
 re-quantising. Float input in [0, 1] is first rounded to uint8 (see
 :func:`fewstep.eval.preprocess.to_uint8`).
+
+Several processes: :class:`DigitsFeatures` runs through the sharded pipeline of
+:func:`fewstep.eval.features.extract_features` (``fewstep eval fd-digits`` under ``accelerate
+launch``), which all-reduces the feature sums and gathers the logits in source order;
+:func:`fd_digits_from_stats` then computes the same FD and accuracy as :func:`fd_digits`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from torch import nn
 from .frechet import FeatureStats, check_sample_size
 from .preprocess import to_uint8
 
-__all__ = ["digits_prepare", "DigitsFeatures", "load_classifier", "digits_reference_images", "fd_digits"]
+__all__ = [
+    "digits_prepare",
+    "DigitsFeatures",
+    "load_classifier",
+    "digits_reference_images",
+    "fd_digits",
+    "fd_digits_from_stats",
+]
 
 DIGITS_SIZE = 8
 _MISSING = (
@@ -94,6 +106,11 @@ class DigitsFeatures(nn.Module):
         dev = next(self.classifier.parameters()).device
         return self.classifier(prepared.to(dev, torch.float32)).float()
 
+    def embed_indexed(self, prepared: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (B, D), logits (B, 10))`` for :func:`fewstep.eval.features.extract_features`,
+        which gathers the logits in source order (``index`` is not needed)."""
+        return self.embed(prepared), self.logits(prepared)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features of raw images (uint8 or [0, 1] float, any size >= 8)."""
         return self.embed(digits_prepare(images))
@@ -147,12 +164,38 @@ def fd_digits(
         x = digits_prepare(images)
     else:
         raise TypeError("images must be a (N, C, H, W) tensor or a list of (C, H, W) tensors")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
         feats.append(extractor.embed(x[i : i + batch_size]).cpu())
         if labels is not None:
             logits.append(extractor.logits(x[i : i + batch_size]).cpu())
     gen = FeatureStats.from_features(torch.cat(feats), extractor.meta())
+    return fd_digits_from_stats(gen, torch.cat(logits) if logits else None, labels, extractor, reference, batch_size)
+
+
+def fd_digits_from_stats(
+    gen: FeatureStats,
+    logits: torch.Tensor | None = None,
+    labels=None,
+    extractor: DigitsFeatures | None = None,
+    reference: FeatureStats | torch.Tensor | None = None,
+    batch_size: int = 500,
+) -> dict:
+    """FD-digits from the generated images' feature statistics: the second half of :func:`fd_digits`,
+    shared with the sharded ``fewstep eval fd-digits``.
+
+    Args:
+        gen: float64 statistics of the generated images' ``extractor`` features.
+        logits: (N, 10) classifier logits of the same images in the order of ``labels``; needed
+            only for the accuracy.
+        labels: intended classes (N,) int, or None (then ``accuracy`` is None).
+        extractor, reference, batch_size: as in :func:`fd_digits` (the reference is embedded here).
+    Returns:
+        ``{"fd": float, "accuracy": float | None, "n": N, "n_ref": M}``.
+    """
+    extractor = extractor if extractor is not None else DigitsFeatures()
     if reference is None:
         from fewstep.models.digits import load_digits_split
 
@@ -167,7 +210,8 @@ def fd_digits(
     out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}
     if labels is not None:
         labels = torch.as_tensor(labels).long().flatten()
-        if len(labels) != len(images):
-            raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
-        out["accuracy"] = float((torch.cat(logits).argmax(1) == labels).float().mean())
+        if logits is None or len(logits) != len(labels) or len(labels) != gen.n:
+            n_logits = None if logits is None else len(logits)
+            raise ValueError(f"labels has {len(labels)} entries for {gen.n} images ({n_logits} logits)")
+        out["accuracy"] = float((logits.argmax(1) == labels).float().mean())
     return out
