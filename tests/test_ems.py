@@ -69,8 +69,9 @@ def test_save_load_round_trip(tmp_path):
     path = ems.save(tmp_path / "e.safetensors")
     assert (tmp_path / "e.json").exists()
     back = EMS.load(path)
-    for k in ("lambdas", "timesteps", "l", "s", "b", "L", "S", "I", "B", "C"):
+    for k in ("lambdas", "timesteps", "l", "s", "b", "L", "S", "B"):
         np.testing.assert_array_equal(getattr(back, k), getattr(ems, k))
+    np.testing.assert_array_equal(back.b_coefficient(2, 7), ems.b_coefficient(2, 7))
     assert back.metadata["model_id"] == "gmm-test" and back.metadata["num_samples"] == 48
     assert back.metadata["num_grid"] == 20 and back.metadata["schedule"]["beta_schedule"] == "linear"
     with pytest.raises(ValueError, match="path"):
@@ -181,3 +182,17 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_integrals_stay_finite_when_exp_L_overflows():
+    """With l = 60 on lambda in [-10, 10], e^{L} reaches e^{1200} (float64 overflows at e^{709}).
+    The first-order weight e^{-L(t)} int_s^t e^{L} dlambda = (1 - e^{-l h}) / l must still come out
+    finite and right (paper Eq. 11 with s = b = 0), at both ends of the range."""
+    lam = np.linspace(-10.0, 10.0, 20001)  # l * dlambda = 0.06: trapezoid error ~3e-4
+    ones = np.ones((len(lam), 2))
+    ems = EMS(lam, lam, 60.0 * ones, 0.0 * ones, 0.0 * ones)
+    for ks, kt in ((0, 50), (19950, 20000), (10000, 10020)):
+        h = lam[kt] - lam[ks]
+        c0 = np.exp(ems.L[ks] - ems.L[kt]) * ems.exp_coefficient(ks, kt, 0)
+        assert np.all(np.isfinite(c0))
+        np.testing.assert_allclose(c0, (1 - np.exp(-60.0 * h)) / 60.0, rtol=1e-3)

@@ -325,8 +325,9 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         ks, kt = s["k"], target["k"]
         ref = x_s
         A = self._tensor(np.exp(e.L[ks] - e.L[kt]) / s["a"], ref)
-        c0 = self._tensor(np.exp(-e.L[kt] - e.S[ks]) * (e.I[kt] - e.I[ks]), ref)
-        const = self._tensor(np.exp(-e.L[kt]) * (e.C[kt] - e.C[ks] - e.B[ks] * (e.I[kt] - e.I[ks])), ref)
+        # integrals relative to lambda_s (overflow-free): e^{L_s - L_t} E_0 and e^{L_s + S_s - L_t} B-term
+        c0 = self._tensor(np.exp(e.L[ks] - e.L[kt]) * e.exp_coefficient(ks, kt, 0), ref)
+        const = self._tensor(np.exp(e.L[ks] + e.S[ks] - e.L[kt]) * e.b_coefficient(ks, kt), ref)
         y = A * x_s - c0 * gs[0] - const
         for k, d in enumerate(derivs, start=1):
             ck = self._tensor(np.exp(e.L[ks] - e.L[kt]) * e.exp_coefficient(ks, kt, k), ref)

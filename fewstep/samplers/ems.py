@@ -16,10 +16,12 @@ log-SNR ``lambda = log(alpha/sigma)``, ``y = x / alpha``. The probability-flow O
   ``s = Cov(f, f^(1)) / Var(f)``, ``b = E[f^(1)] - s E[f]``.
 
 The solver needs, besides ``l, s, b``, the cumulative integrals (paper Eq. 9 and App. B;
-``lambda_0`` = first grid point, the noisiest): ``L = int l``, ``S = int s``,
-``I = int e^{L+S}``, ``B = int e^{-S} b``, ``C = int e^{L+S} B``, all by the trapezoid rule on the
-grid, and the high-order weights ``E_k(i, j) = int_{lambda_i}^{lambda_j} e^{(L+S)(lambda) -
-(L+S)(lambda_i)} (lambda - lambda_i)^k / k! dlambda``.
+``lambda_0`` = first grid point, the noisiest): ``L = int l``, ``S = int s``, ``B = int e^{-S} b``,
+all by the trapezoid rule on the grid, and the step weights relative to the step's start
+``lambda_i`` (overflow-free: absolute integrals of ``e^{L+S}`` exceed float64 on wide ranges):
+``E_k(i, j) = int_{lambda_i}^{lambda_j} e^{(L+S)(lambda) - (L+S)(lambda_i)} (lambda - lambda_i)^k / k!
+dlambda`` and ``int_{lambda_i}^{lambda_j} e^{(L+S)(lambda) - (L+S)(lambda_i)} (B(lambda) - B(lambda_i))
+dlambda``.
 
 :func:`compute_ems` estimates ``l, s, b`` from forward-noised data (or model samples) with
 streaming float64 accumulators, checkpoint/resume, sharding across accelerate processes and a
@@ -124,7 +126,7 @@ class EMS:
         timesteps: ``(N + 1,)`` float64 training-scale model times of the grid points.
         l, s, b: ``(N + 1, *shape)`` float64 per-dimension statistics (``shape`` = one sample's shape).
         l_d: ``(N + 1, *shape)`` smoothed ``dl/dlambda`` used for ``f^(1)`` (kept for reference).
-        L, S, I, B, C: cumulative integrals (see the module docstring).
+        L, S, B: cumulative integrals (see the module docstring).
         metadata: settings record (schedule config, grid, t range, K, guidance scale, model id, ...).
 
     The degenerate statistics ``l = 1, s = 0, b = 0`` turn DPM-Solver-v3 into DPM-Solver++
@@ -170,11 +172,9 @@ class EMS:
         lam = self.lambdas
         self.L = cumulative_trapezoid(self.l, lam)
         self.S = cumulative_trapezoid(self.s, lam)
-        ls = self.L + self.S
-        # e^{L+S} may be large; float64 is enough for lambda ranges far beyond any schedule's
-        self.I = cumulative_trapezoid(np.exp(ls), lam)
+        # the integrals of e^{L+S} are taken relative to their lower end (exp_coefficient,
+        # b_coefficient): absolute cumulative integrals of e^{L+S} overflow float64 on wide ranges
         self.B = cumulative_trapezoid(np.exp(-self.S) * self.b, lam)
-        self.C = cumulative_trapezoid(np.exp(ls) * self.B, lam)
         self._ek_cache: dict[tuple[int, int, int], np.ndarray] = {}
 
     def exp_coefficient(self, i: int, j: int, k: int) -> np.ndarray:
@@ -186,6 +186,18 @@ class EMS:
             a = (self.L + self.S)[i : j + 1] - (self.L + self.S)[i]
             w = ((lam - lam[0]) ** k / math.factorial(k)).reshape((-1,) + (1,) * (a.ndim - 1))
             self._ek_cache[key] = np.trapezoid(np.exp(a) * w, lam, axis=0) if j > i else np.zeros_like(a[0])
+        return self._ek_cache[key]
+
+    def b_coefficient(self, i: int, j: int) -> np.ndarray:
+        """``int_{lambda_i}^{lambda_j} e^{(L+S)(lam) - (L+S)(lambda_i)} (B(lam) - B(lambda_i)) dlam``, the
+        EMS offset term of paper Eq. 11 (``B = int e^{-S} b``) relative to ``lambda_i``, by the trapezoid
+        rule over grid points ``i..j`` (the scheduler multiplies ``e^{L_i + S_i - L_j}`` back); cached."""
+        key = (i, j, -1)
+        if key not in self._ek_cache:
+            lam = self.lambdas[i : j + 1]
+            ls = self.L + self.S
+            a = np.exp(ls[i : j + 1] - ls[i]) * (self.B[i : j + 1] - self.B[i])
+            self._ek_cache[key] = np.trapezoid(a, lam, axis=0) if j > i else np.zeros_like(a[0])
         return self._ek_cache[key]
 
     def index_of(self, lam: np.ndarray | float, tolerance: float = 0.5) -> np.ndarray:
