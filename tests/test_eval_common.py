@@ -109,3 +109,32 @@ def test_interrupted_feature_pass_resumes_to_the_same_statistics(tmp_path):
     torch.save({"key": {"shard": [0]}}, ckpt)
     with pytest.raises(ValueError, match="remove it"):
         extract_features(FileImageSource(folder), ext, batch_size=2, progress=False, checkpoint=ckpt)
+
+
+def test_bad_file_is_found_before_any_feature_work(tmp_path):
+    """The (sharded) pre-check of extract_features finds a non-image by name before embedding
+    anything; skipped, it takes no slot in the shards."""
+    import pytest
+
+    from fewstep.eval.features import extract_features
+    from fewstep.eval.images import BadImagesError, FileImageSource
+    from fewstep.eval.inception import InceptionFeatures
+
+    folder = tmp_path / "imgs"
+    write_images(folder, 3, seed=2)
+    (folder / "img_000b.png").write_text("not an image")
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    calls = {"n": 0}
+    real_embed = ext.embed
+
+    def counting_embed(x):
+        calls["n"] += 1
+        return real_embed(x)
+
+    ext.embed = counting_embed
+    with pytest.raises(BadImagesError, match="img_000b.png"):
+        extract_features(FileImageSource(folder), ext, batch_size=1, progress=False)
+    assert calls["n"] == 0
+    with pytest.warns(UserWarning, match="skipped 1 bad"):
+        res = extract_features(FileImageSource(folder), ext, batch_size=1, progress=False, skip_bad=True)
+    assert res.indices == [0, 2, 3] and res.per_process == [3] and res.stats.n == 3

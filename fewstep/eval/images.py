@@ -73,6 +73,11 @@ class _Subset(ImageSource):
     def load(self, i: int) -> torch.Tensor:
         return self.base.load(self.keep[i])
 
+    def check(self, i: int) -> str | None:
+        """The base source's check of image ``i`` of the view (None where the base cannot be bad)."""
+        check = getattr(self.base, "check", None)
+        return None if check is None else check(self.keep[i])
+
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -158,11 +163,12 @@ def open_image_source(path: str | os.PathLike) -> FileImageSource:
 def find_bad_images(source: ImageSource, progress: bool = False) -> list[tuple[str, str]]:
     """``(name, reason)`` for every file of ``source`` that PIL cannot open and verify.
 
-    In-memory sources have no bad images. Uses ``Image.verify`` (header and, for PNG,
-    checksums), which is much cheaper than decoding; decode failures found later are reported
-    by the feature pipeline the same way.
+    In-memory sources have no bad images; a :meth:`ImageSource.subset` view of a file source is
+    checked like its base (the sharded check of the feature pipeline relies on that). Uses
+    ``Image.verify`` (header and, for PNG, checksums), which is much cheaper than decoding;
+    decode failures found later are reported by the feature pipeline the same way.
     """
-    if not isinstance(source, FileImageSource):
+    if not isinstance(source, FileImageSource) and not isinstance(getattr(source, "base", None), FileImageSource):
         return []
     from tqdm.auto import tqdm
 
