@@ -10,9 +10,10 @@ Sub-commands (each returns exit code 0, prints a summary line, or JSON with ``--
 
 Under ``accelerate launch`` (e.g. ``accelerate launch --num_processes 2 -m fewstep.apps.cli eval
 clip ...``) every metric (fid, kid, clip, fd-digits, stats) shards its images (and prompts)
-round-robin across processes through :func:`fewstep.eval.features.extract_features`; sums are
-all-reduced and per-image results (KID features, CLIP pair scores, digits logits) gathered in
-file order, so the numbers equal a single-process run; only the main process prints or writes.
+round-robin across processes through :func:`fewstep.eval.features.extract_features`; FID sums are
+all-reduced and per-image results (KID features, CLIP pair scores, digits features and logits)
+gathered in file order, so the numbers equal a single-process run up to float32 round-off of
+differently composed batches; only the main process prints or writes.
 ``per_process`` in the JSON says how many images each process handled.
 """
 
@@ -320,6 +321,7 @@ def _run_fd_digits(args, device, rank, world) -> dict:
     import torch
 
     from fewstep.eval.fd_digits import DigitsFeatures, fd_digits_from_stats
+    from fewstep.eval.frechet import FeatureStats
     from fewstep.eval.images import open_image_source
 
     src = open_image_source(args.gen)
@@ -328,14 +330,16 @@ def _run_fd_digits(args, device, rank, world) -> dict:
         if len(all_labels) != len(src):
             raise ValueError(f"--labels has {len(all_labels)} lines for {len(src)} files (one per file, sorted order)")
     ext = DigitsFeatures()
-    # features summed over processes; logits (for the accuracy) gathered in file order
-    res = _extract(src, ext, args, device, False)
+    # features and logits of each process's shard, gathered in file order: the statistics are then
+    # summed in the same order as fd_digits() sums them in one process
+    res = _extract(src, ext, args, device, True)
+    gen = FeatureStats.from_features(res.features, ext.meta())
     if args.labels:
         labels = [all_labels[i] for i in res.indices]
     else:
         labels = [_label_of(name) for name in res.names]
         labels = None if any(lab is None for lab in labels) else labels
-    out = fd_digits_from_stats(res.stats, res.extra, None if labels is None else torch.tensor(labels),
+    out = fd_digits_from_stats(gen, res.extra, None if labels is None else torch.tensor(labels),
                                extractor=ext, batch_size=args.batch_size)
     return {
         "value": out["fd"],
