@@ -54,6 +54,57 @@ def write_images(folder: Path, n: int, seed: int, offset: int = 0, sizes=(24, 40
     return out
 
 
+def run_as_ranks(monkeypatch, world: int, fn) -> list:
+    """``[fn(0), ..., fn(world - 1)]``, each call in its own thread standing in for one process of a
+    ``torch.distributed`` group: :mod:`fewstep.eval.features` sees that rank and world size, and its
+    all-gather and :meth:`FeatureStats.all_reduce` exchange objects between the threads. A cheap
+    check of sharding and gathering logic without launching processes."""
+    import threading
+
+    import fewstep.eval.features as features
+    from fewstep.eval.frechet import FeatureStats
+
+    local = threading.local()
+    barrier = threading.Barrier(world, timeout=120)
+    slots = [None] * world
+
+    def all_gather(obj):
+        slots[local.rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()  # nobody overwrites a slot before every rank has read it
+        return out
+
+    def all_reduce(self):
+        parts = all_gather((self.n, self.sum.clone(), self.sum_outer.clone()))
+        self.n = sum(p[0] for p in parts)
+        self.sum = sum(p[1] for p in parts)
+        self.sum_outer = sum(p[2] for p in parts)
+        return self
+
+    monkeypatch.setattr(features, "_dist_info", lambda: (local.rank, world))
+    monkeypatch.setattr(features, "_all_gather_objects", all_gather)
+    monkeypatch.setattr(FeatureStats, "all_reduce", all_reduce)
+    results, errors = [None] * world, []
+
+    def target(rank):
+        local.rank = rank
+        try:
+            results[rank] = fn(rank)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            errors.append(err)
+            barrier.abort()  # release the other ranks instead of hanging
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def test_tiny_trunk_scripts(tmp_path):
     net = torch.jit.load(str(tiny_trunk_file(tmp_path)))
     assert net(torch.zeros(2, 3, 299, 299)).shape == (2, 24)
