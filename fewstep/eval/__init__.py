@@ -28,8 +28,11 @@ _EXPORTS = {
     "BadImagesError": "images",
     "extract_features": "features",
     "CLIPScorer": "clip_score",
+    "CLIPPairScores": "clip_score",
     "clip_score": "clip_score",
+    "clip_score_from_pair_scores": "clip_score",
     "fd_digits": "fd_digits",
+    "fd_digits_from_stats": "fd_digits",
     "DigitsFeatures": "fd_digits",
 }
 
