@@ -109,8 +109,8 @@ def cli_mixture():
     return model, CFG, x0
 
 
-_CLI_ARGS = ["--model", "test_ems:cli_mixture", "--num-grid", "20", "--batch-size", "16", "--float64", "--device", "cpu",
-             "--threads", "1", "--quiet"]
+_CLI_ARGS = ["--model", "test_ems:cli_mixture", "--num-grid", "20", "--batch-size", "16", "--float64",
+             "--device", "cpu", "--threads", "1", "--quiet"]
 
 
 def _single_process_reference():
@@ -153,7 +153,8 @@ def test_two_process_sharding_equals_single(tmp_path):
     assert sharded.metadata["world_size"] == 2
     single = _single_process_reference()
     for k in ("l", "s", "b"):
-        np.testing.assert_allclose(getattr(sharded, k), getattr(single, k), rtol=1e-7, atol=1e-10)  # s = cov/var amplifies summation order
+        # s = cov/var amplifies differences of summation order
+        np.testing.assert_allclose(getattr(sharded, k), getattr(single, k), rtol=1e-7, atol=1e-10)
 
 
 def test_bad_inputs():

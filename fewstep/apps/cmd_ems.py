@@ -126,7 +126,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="digits", help="'digits', a diffusers model folder, or module:callable")
     p.add_argument("--scheduler-config", default=None, help="scheduler_config.json (model folders)")
     p.add_argument("--data", default=None, help=".pt/.safetensors file of clean samples (model folders)")
-    p.add_argument("--output", required=True, help="output .safetensors path (a .json copy of the settings is written too)")
+    p.add_argument("--output", required=True,
+                   help="output .safetensors path (a .json copy of the settings is written too)")
     p.add_argument("--num-grid", type=int, default=200, help="lambda intervals N (paper: 120-1200)")
     p.add_argument("--num-samples", type=int, default=None, help="K samples (default: all data)")
     p.add_argument("--batch-size", type=int, default=256)

@@ -92,7 +92,9 @@ class DigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
-    def _model_output(self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, int]:
+    def _model_output(
+        self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float
+    ) -> tuple[torch.Tensor, int]:
         """Raw guided model output at ``(x, t)`` and the number of evaluations per image it took."""
         b = x.shape[0]
         t_in = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=x.device)
@@ -154,7 +156,8 @@ class DigitsPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if upscale is not None and (isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer)) or upscale < 1):
+        bad_type = isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer))
+        if upscale is not None and (bad_type or upscale < 1):
             raise ValueError(f"upscale must be None or an integer >= 1, got {upscale!r}")
 
         device = self._execution_device
@@ -211,7 +214,8 @@ def load_digits_teacher_unet(device: str | torch.device = "cpu"):
 
     for f in (UNET_WEIGHTS, UNET_CONFIG):
         if not f.exists():
-            raise FileNotFoundError(f"digits teacher file {f} is missing; reinstall fewstep or run `fewstep train-teacher`")
+            raise FileNotFoundError(
+                f"digits teacher file {f} is missing; reinstall fewstep or run `fewstep train-teacher`")
     unet = UNet2DModel.from_config(json.loads(UNET_CONFIG.read_text()))
     unet.load_state_dict(load_file(str(UNET_WEIGHTS)))
     return unet.to(device).eval().requires_grad_(False)

@@ -122,6 +122,11 @@ def _resume_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generato
     return state
 
 
+def _json_config(config) -> dict:
+    """A diffusers ``config`` as a JSON-ready dict: tuples as lists, private ``_`` keys dropped."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def _lr_at(step: int, cfg: dict) -> float:
     """Linear warm-up then cosine decay to ``lr * lr_final_fraction``."""
     base, warm, total = cfg["lr"], cfg["lr_warmup_steps"], cfg["steps"]
@@ -201,7 +206,8 @@ def train_teacher(
     model.train()
     n = len(x_train)
     t0 = time.time() - elapsed
-    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="train-teacher", disable=not progress)
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="train-teacher",
+               disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (cfg["batch_size"],), generator=gen)
         x0, y = x_train[idx], y_train[idx].clone()
@@ -233,9 +239,9 @@ def train_teacher(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(output_dir / "digits_unet.safetensors"))
-    unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(ema.config).items() if not k.startswith("_")}
+    unet_cfg = _json_config(ema.config)
     (output_dir / "digits_unet_config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
-    sched_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    sched_cfg = _json_config(scheduler.config)
     sched_cfg["_class_name"] = "DDPMScheduler"
     (output_dir / "digits_scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     record = {
@@ -308,7 +314,8 @@ def train_classifier(
     if state is not None:
         start, t0 = state["epoch"], time.time() - state["elapsed"]
 
-    bar = tqdm(range(start, cfg["epochs"]), initial=start, total=cfg["epochs"], desc="train-classifier", disable=not progress)
+    bar = tqdm(range(start, cfg["epochs"]), initial=start, total=cfg["epochs"], desc="train-classifier",
+               disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
@@ -329,7 +336,8 @@ def train_classifier(
         test_acc = float((model(x_test).argmax(1) == y_test).float().mean())
         train_acc = float((model(x_train).argmax(1) == y_train).float().mean())
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output_dir / "digits_classifier.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(output_dir / "digits_classifier.safetensors"))
     record = {
         "architecture": arch,
         "config": cfg,
