@@ -6,7 +6,13 @@ Conventions (used everywhere in fewstep):
 * Half log-SNR ``lambda(t) = log(alpha(t) / sigma(t))``; it decreases as ``t`` grows.
 * ``t`` is on the model's *training scale*: ``0 .. num_train_timesteps - 1`` for discrete VP
   models (the values diffusers passes to a UNet), ``0 .. num_train_timesteps`` for flow matching
-  (``t = 1000 * sigma`` as in SD3), and ``t = sigma`` for EDM/VE models.
+  (``t = 1000 * sigma`` as in SD3), and ``t = sigma`` for EDM/VE models. What the network itself
+  is called with is :meth:`NoiseSchedule.model_time`: ``t`` for VP and flow models, EDM's
+  ``c_noise(sigma) = log(sigma) / 4`` for EDM models (Karras et al. 2022, Table 1).
+* EDM models are *preconditioned* (Karras et al. 2022, Eq. 7 and Table 1): the network ``F`` sees
+  ``c_in x`` and ``c_noise``, and the denoiser is ``D(x) = c_skip x + c_out F``;
+  :func:`edm_preconditioning` gives the coefficients, :func:`to_x0_eps` / :func:`from_x0_eps`
+  with ``sigma_data=...`` convert ``F``.
 * diffusers stores VP schedules as the VE-style ``sigma_ve = sigma / alpha = exp(-lambda)``;
   :meth:`NoiseSchedule.sigma_ve` returns it for the schedulers' public ``sigmas`` attribute.
 
@@ -26,6 +32,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 GRID_KINDS = ("linspace", "leading", "trailing", "logsnr", "karras", "exponential")
 SCHEDULE_KINDS = ("discrete", "flow", "edm")
+EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
+EDM_SIGMA_SCHEDULES = ("karras", "exponential")
 
 FLOW_SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
@@ -39,6 +47,19 @@ def is_flow_matching_config(config: Mapping[str, Any]) -> bool:
     if config.get("_class_name") in FLOW_SCHEDULER_CLASSES:
         return True
     return "shift" in config and any(k in config for k in FLOW_ONLY_KEYS)
+
+
+def is_edm_config(config: Mapping[str, Any]) -> bool:
+    """True for an EDM scheduler config (``EDMDPMSolverMultistepScheduler``, ``EDMEulerScheduler``;
+    Playground v2.5, CosXL): by ``_class_name`` when it was loaded from disk, by the EDM-only keys
+    ``sigma_schedule`` and ``sigma_data`` when it was built in memory (diffusers does not put
+    ``_class_name`` into a live scheduler's ``config``), or by an explicit ``schedule_kind``."""
+    kind = config.get("schedule_kind")
+    if kind is not None:
+        return kind == "edm"
+    if str(config.get("_class_name", "")).startswith("EDM"):
+        return True
+    return config.get("sigma_schedule") is not None and config.get("sigma_data") is not None
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -141,7 +162,9 @@ class NoiseSchedule:
       with ``s = t / num_train_timesteps``. The ``shift`` of SD3 acts on step grids, not on
       this map (a shifted grid is still read by the model as ``t = 1000 * s``).
     * ``"edm"``: variance exploding with EDM's range (Karras et al. 2022): ``alpha = 1``,
-      ``sigma = t``.
+      ``sigma = t`` in ``[sigma_min, sigma_max]``; ``sigma_data`` is the data standard deviation
+      of the model's preconditioning (Table 1), and the network is called with
+      ``c_noise(sigma)`` (:meth:`model_time`).
 
     Use :meth:`from_config` to build one from any diffusers scheduler config.
     """
@@ -172,8 +195,15 @@ class NoiseSchedule:
         elif self.kind == "edm":
             self.sigma_min = 0.002 if self.sigma_min is None else float(self.sigma_min)
             self.sigma_max = 80.0 if self.sigma_max is None else float(self.sigma_max)
-            if not 0 < self.sigma_min < self.sigma_max:
-                raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+            if not (math.isfinite(self.sigma_min) and math.isfinite(self.sigma_max)
+                    and 0 < self.sigma_min < self.sigma_max):
+                raise ValueError(
+                    f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}: an EDM schedule needs finite "
+                    "0 < sigma_min < sigma_max"
+                )
+            self.sigma_data = float(self.sigma_data)
+            if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
+                raise ValueError(f"sigma_data={self.sigma_data}: an EDM schedule needs a finite sigma_data > 0")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -183,15 +213,14 @@ class NoiseSchedule:
         Recognised: the DDPM/DDIM/DPM-Solver beta keywords (``beta_schedule``, ``beta_start``,
         ``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``, ``lambda_min_clipped``);
         flow matching when ``use_flow_sigmas`` is true, ``prediction_type == "flow_prediction"``
-        or ``_class_name`` is a FlowMatch scheduler (``flow_shift`` or ``shift``); EDM when
-        ``_class_name`` starts with ``EDM`` or ``schedule_kind == "edm"``.
+        or ``_class_name`` is a FlowMatch scheduler (``flow_shift`` or ``shift``); EDM (keys
+        ``sigma_min``, ``sigma_max``, ``sigma_data``) when :func:`is_edm_config`.
         """
         cfg = dict(config)
-        name = str(cfg.get("_class_name", ""))
         n = int(cfg.get("num_train_timesteps", 1000))
         kind = cfg.get("schedule_kind")
         if kind is None:
-            if name.startswith("EDM"):
+            if is_edm_config(cfg):
                 kind = "edm"
             elif (
                 cfg.get("use_flow_sigmas")
@@ -211,7 +240,7 @@ class NoiseSchedule:
                 num_train_timesteps=n,
                 sigma_min=cfg.get("sigma_min"),
                 sigma_max=cfg.get("sigma_max"),
-                sigma_data=float(cfg.get("sigma_data", 0.5)),
+                sigma_data=0.5 if cfg.get("sigma_data") is None else cfg["sigma_data"],
             )
         ac = alphas_cumprod_from_config(
             num_train_timesteps=n,
@@ -269,6 +298,21 @@ class NoiseSchedule:
         if self.kind == "flow":
             return self.num_train_timesteps / (1.0 + lib.exp(lam))
         return lib.exp(-lam)
+
+    def model_time(self, t):
+        """The time value the network is called with at schedule time ``t`` (what diffusers
+        stores in ``scheduler.timesteps``): ``t`` itself for VP and flow schedules; for EDM the
+        noise conditioning ``c_noise = log(sigma) / 4`` of Karras et al. 2022, Table 1 (float64)."""
+        if self.kind != "edm":
+            return _as64(t)
+        return edm_c_noise(t)
+
+    def t_of_model_time(self, m):
+        """Inverse of :meth:`model_time` (EDM: ``sigma = exp(4 c_noise)``; float64)."""
+        m = _as64(m)
+        if self.kind != "edm":
+            return m
+        return _lib(m).exp(4.0 * m)
 
     # ---- ranges ----------------------------------------------------------------------------------
     @property
@@ -515,7 +559,50 @@ def _bcast(v, ref: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def to_x0_eps(output: torch.Tensor, sample: torch.Tensor, alpha, sigma, prediction_type: str):
+def edm_c_noise(sigma):
+    """EDM's noise conditioning ``c_noise(sigma) = log(sigma) / 4`` (Karras et al. 2022, Table 1,
+    EDM column): the time value an EDM-preconditioned network is called with. ``sigma`` in VE
+    units (``x = x0 + sigma eps``); float, numpy or torch in, float64 out."""
+    sigma = _as64(sigma)
+    return 0.25 * _lib(sigma).log(sigma)
+
+
+def edm_preconditioning(sigma, sigma_data: float = 0.5, prediction_type: str = "epsilon"):
+    """The EDM preconditioning ``(c_skip, c_out, c_in, c_noise)`` of Karras et al. 2022 (Eq. 7 and
+    Table 1, EDM column) at VE noise level ``sigma`` (``x = x0 + sigma eps``)::
+
+        c_skip  = sigma_data^2 / (sigma^2 + sigma_data^2)
+        c_out   = +- sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_in    = 1 / sqrt(sigma^2 + sigma_data^2)
+        c_noise = log(sigma) / 4
+
+    The network ``F`` is called as ``F(c_in x, c_noise)`` and the denoiser (data prediction) is
+    ``D(x) = c_skip x + c_out F``. ``prediction_type`` names the sign of ``c_out`` with diffusers'
+    EDM-scheduler vocabulary: ``"epsilon"`` is Table 1's ``+`` (``F`` is EDM's ``F_theta``, *not* a
+    noise prediction), ``"v_prediction"`` the ``-`` sign, which makes ``F`` the v-prediction
+    ``v = a eps - b y0`` of Salimans & Ho 2022 for the VP process ``c_in x = a y0 + b eps`` of the
+    normalised data ``y0 = x0 / sigma_data`` (``a = sigma_data c_in``, ``b = sigma c_in``,
+    ``a^2 + b^2 = 1``; CosXL). ``c_noise`` is ``-inf`` at ``sigma = 0``, where the network is never
+    called. Float, numpy or torch in; float64 out.
+    """
+    _check_choice("prediction_type", prediction_type, EDM_PREDICTION_TYPES)
+    sigma = _as64(sigma)
+    lib = _lib(sigma)
+    sd = float(sigma_data)
+    if not (math.isfinite(sd) and sd > 0):
+        raise ValueError(f"sigma_data={sigma_data!r} must be a finite number > 0")
+    norm = lib.sqrt(sigma * sigma + sd * sd)
+    c_skip = sd * sd / (norm * norm)
+    c_out = sigma * sd / norm
+    if prediction_type == "v_prediction":
+        c_out = -c_out
+    with np.errstate(divide="ignore"):
+        c_noise = edm_c_noise(sigma)
+    return c_skip, c_out, 1.0 / norm, c_noise
+
+
+def to_x0_eps(output: torch.Tensor, sample: torch.Tensor, alpha, sigma, prediction_type: str,
+              sigma_data: float | None = None):
     """Convert a raw model output to ``(x0, eps)`` given ``x = alpha x0 + sigma eps``.
 
     ``prediction_type``:
@@ -530,7 +617,16 @@ def to_x0_eps(output: torch.Tensor, sample: torch.Tensor, alpha, sigma, predicti
 
     ``alpha``/``sigma`` are scalars or per-sample tensors (broadcast over trailing dims). At
     ``sigma = 0`` an ``eps`` is not defined by ``x`` and is returned as zeros for ``sample``.
+
+    ``sigma_data`` (EDM models): ``output`` is the raw output ``F`` of an EDM-preconditioned
+    network and ``x0 = D(x) = c_skip y + c_out F`` (Karras et al. 2022, Eq. 7) with the Table 1
+    coefficients of :func:`edm_preconditioning` at the VE level ``sigma / alpha`` and
+    ``y = x / alpha`` (``alpha = 1`` on EDM schedules); ``prediction_type`` is ``"epsilon"`` or
+    ``"v_prediction"`` with the meaning given there. ``sample`` is the unscaled state ``x``, not
+    the network input ``c_in x``.
     """
+    if sigma_data is not None:
+        return _edm_to_x0_eps(output, sample, alpha, sigma, prediction_type, sigma_data)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     a, s = _bcast(alpha, output), _bcast(sigma, output)
     if prediction_type == "epsilon":
@@ -550,9 +646,21 @@ def to_x0_eps(output: torch.Tensor, sample: torch.Tensor, alpha, sigma, predicti
     return x0, eps
 
 
-def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_type: str,
+                sigma_data: float | None = None) -> torch.Tensor:
     """Inverse of :func:`to_x0_eps`: the raw output of type ``prediction_type`` whose ``(x0, eps)``
-    are the given ones (used to hand a guided prediction to a scheduler or pipeline)."""
+    are the given ones (used to hand a guided prediction to a scheduler or pipeline).
+
+    With ``sigma_data`` (EDM): the network output ``F = (x0 - c_skip y) / c_out`` with
+    ``y = x0 + (sigma/alpha) eps``, i.e. ``F = +-(s x0 / sigma_data - sigma_data eps) /
+    sqrt(s^2 + sigma_data^2)`` with ``s = sigma/alpha`` (finite at ``s = 0``)."""
+    if sigma_data is not None:
+        _check_choice("prediction_type", prediction_type, EDM_PREDICTION_TYPES)
+        s_ve = _ve_sigma(sigma, alpha)
+        sd = float(sigma_data)
+        sign = 1.0 if prediction_type == "epsilon" else -1.0
+        s_t = _bcast(s_ve, x0)
+        return sign * (s_t * x0 / sd - sd * eps) / _bcast(_lib(s_ve).sqrt(s_ve * s_ve + sd * sd), x0)
     _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     a, s = _bcast(alpha, x0), _bcast(sigma, x0)
     if prediction_type == "epsilon":
@@ -562,3 +670,24 @@ def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_ty
     if prediction_type == "sample":
         return x0
     return eps - x0
+
+
+def _ve_sigma(sigma, alpha):
+    """``sigma / alpha`` in float64 (torch when either is a tensor)."""
+    if isinstance(sigma, torch.Tensor) or isinstance(alpha, torch.Tensor):
+        dev = sigma.device if isinstance(sigma, torch.Tensor) else alpha.device
+        return (torch.as_tensor(sigma, dtype=torch.float64, device=dev)
+                / torch.as_tensor(alpha, dtype=torch.float64, device=dev))
+    return _as64(sigma) / _as64(alpha)
+
+
+def _edm_to_x0_eps(output, sample, alpha, sigma, prediction_type, sigma_data):
+    """:func:`to_x0_eps` for EDM-preconditioned outputs (see there). Coefficients in float64, the
+    combination ``c_skip * y + c_out * F`` in the tensors' dtype (diffusers' order of operations)."""
+    s_ve = _ve_sigma(sigma, alpha)
+    c_skip, c_out, _, _ = edm_preconditioning(s_ve, sigma_data, prediction_type)
+    a, s = _bcast(alpha, output), _bcast(sigma, output)
+    y = sample / a
+    x0 = _bcast(c_skip, output) * y + _bcast(c_out, output) * output
+    eps = torch.where(s > 0, (sample - a * x0) / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x0))
+    return x0, eps
