@@ -165,6 +165,17 @@ class DPMSolverPPScheduler(FewstepScheduler):
       ``"exponential"``; ``set_timesteps`` accepts ``sigmas=`` as well as ``timesteps=``.
     * ``solver_type`` also takes the official names ``"dpmsolver"`` (= midpoint) and ``"taylor"`` (= heun).
     * SD3/Flux FlowMatch configs switch on flow sigmas automatically in ``from_config``.
+    * EDM / VE models (Karras et al. 2022): ``from_config`` of an ``EDMDPMSolverMultistepScheduler``
+      (or ``EDMEulerScheduler``) config sets ``schedule_kind="edm"`` and reproduces diffusers' EDM
+      scheduler: ``sigma_min``/``sigma_max`` (VE range), ``sigma_data`` (Table 1 preconditioning),
+      ``sigma_schedule`` (``"karras"``, Eq. 5 with ``rho``, or ``"exponential"``),
+      ``prediction_type`` ``"epsilon"`` (EDM's ``F``) or ``"v_prediction"``; ``scale_model_input``
+      multiplies by ``c_in``, ``timesteps`` are ``c_noise = log(sigma)/4``. On EDM's VE schedule
+      ``alpha = 1`` and ``lambda = -log(sigma)``, so the DPM-Solver++ updates (paper Eq. 9-10,
+      Alg. 2) are the same functions as for VP. Deliberate differences from diffusers:
+      ``init_noise_sigma = sigma_max`` (the paper's prior, Alg. 1) instead of
+      ``sqrt(sigma_max^2 + 1)``, ``final_sigmas_type="sigma_min"`` ends on ``sigma_min`` without
+      a zero-length last step, and SDE order 3 works (diffusers' EDM scheduler has no SDE 3M).
     * ``round_timesteps=False`` keeps exact (float) model times on discrete schedules instead of
       rounding them to integers as diffusers does (the model then sees exactly the noise level the
       solver assumes on Karras / logSNR grids).
@@ -219,6 +230,12 @@ class DPMSolverPPScheduler(FewstepScheduler):
         round_timesteps: bool = True,
         exact_third_order: bool = False,
         check_finite: bool = True,
+        schedule_kind: str | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sigma_data: float = 0.5,
+        sigma_schedule: str | None = None,
+        rho: float | None = None,
     ):
         if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(

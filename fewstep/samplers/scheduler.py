@@ -5,16 +5,18 @@ point ``i`` to ``i + 1`` given the data prediction ``x0`` at point ``i`` and wha
 keeps) and, optionally, :meth:`FewstepScheduler._plan` (to insert intermediate evaluation points,
 as singlestep solvers do) and :meth:`FewstepScheduler._reset_history`.
 
-What lives here: config handling for SD / SDXL / SD3 / FlowMatch configs, step grids
+What lives here: config handling for SD / SDXL / SD3 / FlowMatch / EDM configs, step grids
 (``set_timesteps`` with ``timesteps=`` or ``sigmas=``), ``step_index``/``begin_index``
 bookkeeping for img2img and inpainting, ``scale_model_input``, ``add_noise``,
-``init_noise_sigma``, prediction conversion, dynamic thresholding, the fp32 upcast, finiteness
+``init_noise_sigma``, the EDM preconditioning of model inputs and times (Karras et al. 2022,
+Table 1), prediction conversion, dynamic thresholding, the fp32 upcast, finiteness
 checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited from diffusers'
 ``SchedulerMixin``/``ConfigMixin``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from dataclasses import dataclass
@@ -27,12 +29,17 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import (
+    EDM_PREDICTION_TYPES,
+    EDM_SIGMA_SCHEDULES,
     FLOW_SCHEDULER_CLASSES,
     GRID_KINDS,
     PREDICTION_TYPES,
+    SCHEDULE_KINDS,
     Grid,
     NoiseSchedule,
     _check_choice,
+    edm_preconditioning,
+    is_edm_config,
     is_flow_matching_config,
     make_grid,
     to_x0_eps,
@@ -62,14 +69,23 @@ def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0)
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class of fewstep's diffusers-compatible schedulers (see the module docstring).
 
-    Conventions: ``timesteps`` are on the training scale (int64 for discrete VP models, like
-    diffusers' DPM schedulers; float32 for flow matching, like ``FlowMatchEulerDiscreteScheduler``);
-    ``sigmas`` are diffusers' public sigmas (``sigma/alpha`` for VP, the flow sigma ``s`` for flow
-    matching, ``sigma`` for EDM) with the final point appended; the solver itself works in float64
-    ``alpha``/``sigma``/``lambda`` arrays.
+    Conventions: ``timesteps`` are what the model is called with (int64 training times for
+    discrete VP models, like diffusers' DPM schedulers; float32 for flow matching, like
+    ``FlowMatchEulerDiscreteScheduler``; float32 ``c_noise = log(sigma)/4`` for EDM models, like
+    ``EDMDPMSolverMultistepScheduler``); ``sigmas`` are diffusers' public sigmas (``sigma/alpha``
+    for VP, the flow sigma ``s`` for flow matching, ``sigma`` for EDM) with the final point
+    appended; the solver itself works in float64 ``alpha``/``sigma``/``lambda`` arrays.
+
+    EDM models (``schedule_kind="edm"``, set by :meth:`from_config` for EDM configs) are
+    preconditioned as in Karras et al. 2022, Eq. 7 / Table 1: :meth:`scale_model_input` returns
+    ``c_in x``, ``timesteps`` hold ``c_noise``, and ``step`` reads the model output as EDM's ``F``
+    (``x0 = c_skip x + c_out F``, see :func:`fewstep.schedule.edm_preconditioning`); the state
+    ``x = x0 + sigma eps`` that ``step`` receives and returns is unscaled.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES)
+    _compatibles = (
+        [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES) + ["EDMDPMSolverMultistepScheduler"]
+    )
     order = 1
 
     def __init_subclass__(cls, **kwargs):
@@ -89,8 +105,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ``FlowMatchEulerDiscreteScheduler``) switches on ``use_flow_sigmas``,
         ``prediction_type="flow_prediction"`` and ``flow_shift=shift`` unless given explicitly
         (recognised by ``_class_name`` on loaded configs, by FlowMatch-only keys on in-memory ones),
-        so ``DPMSolverPPScheduler.from_config(sd3_pipe.scheduler.config)`` just works."""
+        so ``DPMSolverPPScheduler.from_config(sd3_pipe.scheduler.config)`` just works; likewise an
+        EDM config (``EDMDPMSolverMultistepScheduler``, ``EDMEulerScheduler``; see
+        :func:`fewstep.schedule.is_edm_config`) sets ``schedule_kind="edm"``, and its keywords
+        ``sigma_min``, ``sigma_max``, ``sigma_data``, ``sigma_schedule`` and ``rho`` carry over."""
         cfg = dict(config) if isinstance(config, dict) else {}
+        if cfg.get("_class_name") == "CosineDPMSolverMultistepScheduler":
+            raise ValueError(
+                "CosineDPMSolverMultistepScheduler configs are not supported: their noise conditioning "
+                "c_noise = atan(sigma) * 2 / pi differs from EDM's log(sigma) / 4"
+            )
+        if is_edm_config(cfg) and "schedule_kind" not in kwargs:
+            if "schedule_kind" not in inspect.signature(cls.__init__).parameters:
+                raise ValueError(f"{cls.__name__} does not support EDM/VE configs; use DPMSolverPPScheduler")
+            kwargs["schedule_kind"] = "edm"
         if is_flow_matching_config(cfg):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
@@ -117,26 +145,80 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("timestep_spacing", c.timestep_spacing, GRID_KINDS)
         if c.variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log"):
             raise ValueError(f"variance_type={c.variance_type!r} is not supported")
+        kind = getattr(c, "schedule_kind", None)
+        _check_choice("schedule_kind", kind, (None,) + SCHEDULE_KINDS)
+        if getattr(c, "sigma_schedule", None) is not None:
+            _check_choice("sigma_schedule", c.sigma_schedule, EDM_SIGMA_SCHEDULES)
+        if getattr(c, "rho", None) is not None and not float(c.rho) > 0:
+            raise ValueError(f"rho must be > 0, got {c.rho}")
         cfg = dict(c)
         if c.use_flow_sigmas:
+            if kind not in (None, "flow"):
+                raise ValueError(f"use_flow_sigmas=True contradicts schedule_kind={kind!r}")
             cfg["schedule_kind"] = "flow"
         self.schedule = NoiseSchedule.from_config(cfg)
         if self.schedule.kind == "flow" and c.prediction_type not in ("flow_prediction", "epsilon", "sample"):
             raise ValueError(f"prediction_type={c.prediction_type!r} is not meaningful with flow sigmas")
+        if self.schedule.kind == "edm":
+            self._setup_edm()
         if self.schedule.kind == "discrete":
             self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
+        # EDM: x_T ~ N(0, sigma_max^2 I), Karras et al. 2022 Alg. 1-2 (diffusers: sqrt(sigma_max^2 + 1))
         self.init_noise_sigma = 1.0 if self.schedule.kind != "edm" else float(self.schedule.sigma_max)
         # default state before set_timesteps: every training timestep, like diffusers
-        t_all = np.arange(self.schedule.num_train_timesteps, dtype=np.float64)[::-1].copy()
-        if self.schedule.kind == "flow":
-            t_all = t_all + 1.0
-        self._install(Grid(t_all, self.schedule.alpha(t_all), self.schedule.sigma(t_all)), device=None)
+        if self.schedule.kind == "edm":  # diffusers: the sigma_schedule grid with num_train_timesteps points
+            grid = make_grid(self.schedule, self.schedule.num_train_timesteps, self.grid_spacing, rho=self._rho)
+        else:
+            t_all = np.arange(self.schedule.num_train_timesteps, dtype=np.float64)[::-1].copy()
+            if self.schedule.kind == "flow":
+                t_all = t_all + 1.0
+            grid = Grid(t_all, self.schedule.alpha(t_all), self.schedule.sigma(t_all))
+        self._install(grid, device=None)
         self.num_inference_steps = None
+
+    def _setup_edm(self) -> None:
+        """Validate the parts of the config an EDM schedule reads (Karras et al. 2022): the
+        prediction type names the sign of ``c_out`` (Table 1; see
+        :func:`fewstep.schedule.edm_preconditioning`), the grid is ``sigma_schedule`` (``karras``,
+        Eq. 5 with ``rho``, or ``exponential``, uniform in ``log sigma``)."""
+        c = self.config
+        if c.prediction_type not in EDM_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={c.prediction_type!r} is not supported with an EDM schedule; allowed: "
+                "'epsilon' (EDM's F, Karras et al. 2022 Eq. 7), 'v_prediction'"
+            )
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"):
+            if getattr(c, flag, False):
+                raise ValueError(f"{flag}=True does not apply to an EDM schedule; choose the grid with sigma_schedule")
+        # store the resolved EDM values, so a saved config states them and diffusers' EDM
+        # schedulers can load it (from_config drops keys that were defaults in the source config)
+        self.register_to_config(
+            schedule_kind="edm",
+            sigma_min=self.schedule.sigma_min,
+            sigma_max=self.schedule.sigma_max,
+            sigma_data=self.schedule.sigma_data,
+            sigma_schedule=getattr(c, "sigma_schedule", None) or "karras",
+            rho=self._rho,
+        )
+
+    @property
+    def _edm_sigma_data(self) -> float | None:
+        """``sigma_data`` of the EDM preconditioning, or None for VP and flow schedules."""
+        return self.schedule.sigma_data if self.schedule.kind == "edm" else None
+
+    @property
+    def _rho(self) -> float:
+        """The Karras exponent: EDM's ``rho`` when set, else ``karras_rho``."""
+        rho = getattr(self.config, "rho", None)
+        return float(getattr(self.config, "karras_rho", 7.0) if rho is None else rho)
 
     @property
     def grid_spacing(self) -> str:
-        """The effective step-grid kind after mapping diffusers' boolean flags onto it."""
+        """The effective step-grid kind after mapping diffusers' boolean flags onto it (EDM:
+        ``sigma_schedule``, default ``karras`` as in diffusers)."""
         c = self.config
+        if self.schedule.kind == "edm":
+            return getattr(c, "sigma_schedule", None) or "karras"
         if c.use_karras_sigmas:
             return "karras"
         if c.use_lu_lambdas:
@@ -160,9 +242,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps: number of model evaluations (steps). Exactly one of this,
                 ``timesteps`` and ``sigmas`` must be given.
             device: where ``timesteps`` live.
-            timesteps: explicit decreasing model times on the training scale.
+            timesteps: explicit decreasing model times on the training scale (EDM: ``c_noise``
+                values, as in ``scheduler.timesteps``).
             sigmas: explicit decreasing public sigmas (``sigma/alpha`` for VP, flow sigma for flow
-                matching); a trailing ``0`` is taken as the final point.
+                matching, ``sigma`` for EDM); a trailing ``0`` is taken as the final point.
             mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
         """
         given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
@@ -173,12 +256,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("`mu` (dynamic shifting) only applies to flow-matching schedules")
             self.schedule.shift = float(math.exp(mu))
         c = self.config
+        if timesteps is not None and self.schedule.kind == "edm":  # c_noise -> sigma
+            sigmas, timesteps = self.schedule.t_of_model_time(np.asarray(timesteps, dtype=np.float64)), None
         grid = make_grid(
             self.schedule,
             num_inference_steps,
             self.grid_spacing,
             steps_offset=int(getattr(c, "steps_offset", 0) or 0),
-            rho=float(getattr(c, "karras_rho", 7.0)),
+            rho=self._rho,
             final_sigma=c.final_sigmas_type,
             timesteps=timesteps,
             sigmas=sigmas,
@@ -204,7 +289,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
             public = self._sigmas / self._alphas
         else:
-            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
+            model_t = self.schedule.model_time(np.asarray(grid.timesteps, dtype=np.float64))
+            self.timesteps = torch.from_numpy(np.asarray(model_t)).to(device=device, dtype=torch.float32)
             public = self._sigmas if kind == "flow" else self._sigmas / self._alphas
         self.sigmas = torch.from_numpy(public.astype(np.float32))
         self.num_inference_steps = len(grid.timesteps)
@@ -258,9 +344,22 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self.index_for_timestep(timestep)
 
     # ---------------------------------------------------------------------- small contract items
-    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Identity: fewstep schedulers feed the model ``x_t`` as is (VP and flow convention)."""
-        return sample
+    def scale_model_input(self, sample: torch.Tensor, timestep=None, *args, **kwargs) -> torch.Tensor:
+        """The network input at the current step.
+
+        VP and flow schedules: ``x_t`` as is (identity). EDM schedules: ``c_in x`` with
+        ``c_in = 1 / sqrt(sigma^2 + sigma_data^2)`` (Karras et al. 2022, Table 1) at the current
+        grid point; like diffusers' EDM schedulers, the first call locates the step index from
+        ``timestep`` (a ``c_noise`` value of ``timesteps``) when none is set yet. Keeps
+        ``sample``'s dtype.
+        """
+        if self.schedule.kind != "edm":
+            return sample
+        if self._step_index is None and self._begin_index is None and timestep is not None:
+            self._init_step_index(timestep)
+        i = self._current_index()
+        c_in = edm_preconditioning(self._sigmas[i] / self._alphas[i], self.schedule.sigma_data)[2]
+        return sample * float(c_in)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -299,8 +398,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     a.append(self._alphas[i])
                     s.append(self._sigmas[i])
                 else:
-                    a.append(float(self.schedule.alpha(float(t))))
-                    s.append(float(self.schedule.sigma(float(t))))
+                    t_s = float(self.schedule.t_of_model_time(float(t)))
+                    a.append(float(self.schedule.alpha(t_s)))
+                    s.append(float(self.schedule.sigma(t_s)))
             a, s = np.asarray(a), np.asarray(s)
         if len(a) == 1 and original_samples.shape[0] > 1:
             a, s = np.repeat(a, original_samples.shape[0]), np.repeat(s, original_samples.shape[0])
@@ -323,10 +423,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Advance ``sample`` from the current grid point to the next one.
 
         Args:
-            model_output: raw model output of type ``config.prediction_type`` at ``sample``.
+            model_output: raw model output of type ``config.prediction_type`` at ``sample`` (EDM:
+                the preconditioned network's ``F`` at ``scale_model_input(sample)``).
             timestep: the current model time (used to find the index on the first call).
-            sample: current ``x_t``; computed on in at least float32 (fp16/bf16 are upcast, like
-                diffusers; float64 stays float64), returned in ``model_output.dtype``.
+            sample: current ``x_t`` (EDM: the unscaled ``x0 + sigma eps``); computed on in at least
+                float32 (fp16/bf16 are upcast, like diffusers; float64 stays float64), returned in
+                ``model_output.dtype``.
             generator: RNG for the noise of SDE solvers (drawn with diffusers' ``randn_tensor``
                 in the same order as diffusers, so equal generators give equal noise).
             variance_noise: explicit noise for SDE solvers instead of ``generator``.
@@ -360,7 +462,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x = sample.to(work)
         out32 = out.to(work)
         a_s, s_s = self._alphas[i], self._sigmas[i]
-        x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type)
+        x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type, sigma_data=self._edm_sigma_data)
         if c.thresholding:
             x0 = threshold_x0(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
         if renoise_eps is not None:
