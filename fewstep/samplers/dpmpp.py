@@ -175,7 +175,9 @@ class DPMSolverPPScheduler(FewstepScheduler):
       Alg. 2) are the same functions as for VP. Deliberate differences from diffusers:
       ``init_noise_sigma = sigma_max`` (the paper's prior, Alg. 1) instead of
       ``sqrt(sigma_max^2 + 1)``, ``final_sigmas_type="sigma_min"`` ends on ``sigma_min`` without
-      a zero-length last step, and SDE order 3 works (diffusers' EDM scheduler has no SDE 3M).
+      a zero-length last step (NaN in diffusers for heun 2M and 3M at >= 15 steps), a one-step
+      exponential grid starts at ``sigma_max`` (diffusers: at ``sigma_min``), and SDE order 3
+      works (diffusers' EDM scheduler has no SDE 3M).
     * ``round_timesteps=False`` keeps exact (float) model times on discrete schedules instead of
       rounding them to integers as diffusers does (the model then sees exactly the noise level the
       solver assumes on Karras / logSNR grids).
