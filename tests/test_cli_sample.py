@@ -113,6 +113,15 @@ def test_device_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             common.resolve_device("cuda")
+        assert common.resolve_device("auto").type in ("cpu", "mps")
+    # the library spelling of the same function (evaluation, EMS) names its keyword argument
+    from fewstep.eval.features import resolve_device
+
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(ValueError, match="^device 'tpu'"):
+        resolve_device("tpu")
+    with pytest.raises(TypeError, match="device must be a str"):
+        resolve_device(3)
 
 
 # ---------------------------------------------------------------------------------- the command

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..device import resolve_device as _resolve_device
 from .schedulers import get_entry, make_scheduler, parse_overrides, parse_value
 
 DIGITS = "digits"
-DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {
     "auto": None,
     "float32": torch.float32, "fp32": torch.float32,
@@ -55,26 +55,8 @@ _GENERATE_LOCK = threading.RLock()
 # device / dtype
 # ------------------------------------------------------------------------------------------------
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps if available, else cpu; ``cpu``/``cuda``/``cuda:1``/
-    ``mps`` as given (``ValueError`` when that device is not available)."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    base = spec.split(":")[0]
-    if base not in DEVICES:
-        raise ValueError(f"--device {spec!r} is not supported; allowed: auto, cpu, cuda, cuda:N, mps")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec!r}: CUDA is not available in this torch build/machine; use --device cpu")
-    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {spec!r}: MPS is not available; use --device cpu")
-    return torch.device(spec)
+    """:func:`fewstep.device.resolve_device` with messages naming the ``--device`` option."""
+    return _resolve_device(spec, name="--device")
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device, model: str = "") -> torch.dtype:

@@ -33,25 +33,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from ..device import resolve_device
 from .frechet import FeatureStats
 from .images import BadImagesError, ImageSource, find_bad_images
 
 __all__ = ["resolve_device", "extract_features", "FeatureResult"]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> cuda when available else cpu; ``"cpu"``/``"cuda"``/``"cuda:N"`` as given."""
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-        return torch.device(device)
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def _dist_info() -> tuple[int, int]:
