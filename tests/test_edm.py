@@ -366,3 +366,66 @@ def test_solver_grid_is_float64_karras_eq5():
     ramp = np.linspace(0, 1, 7)
     ref = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
     np.testing.assert_allclose(s._sigmas[:-1], ref, rtol=1e-13)
+
+
+# ---------------------------------------------------------------------------------- guidance on EDM
+def _apg_x0(dc, du, w):
+    """APG with eta = 0, no momentum or clipping (Sadat et al. 2025, Eq. 9-11), written out."""
+    d = dc - du
+    unit = dc / dc.norm(dim=1, keepdim=True)
+    return dc + (w - 1.0) * (d - (d * unit).sum(1, keepdim=True) * unit)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])
+def test_x0_space_guidance_on_edm_sees_the_denoiser(pt):
+    """APG in x0 space through ``fewstep.sample`` on an EDM scheduler (order 1) equals a loop written
+    directly on the exact denoisers ``D_c, D_u`` (Karras et al. 2022, Eq. 7) with the VE DDIM step
+    ``x <- D + (sigma_next / sigma)(x - D)``: the guidance undoes ``c_in`` and reads ``F`` as EDM's
+    network output, not as a noise prediction of the scaled input."""
+    from fewstep.guidance import APG
+
+    torch.manual_seed(0)
+    mix = make_gaussian_mixture(dim=16, num_components=6, num_classes=3)
+    model = EDMMixtureModel(mix, 0.5, pt)
+    sch = DPMSolverPPScheduler.from_config(EDMDPMSolverMultistepScheduler(prediction_type=pt, solver_order=1).config)
+    n, w = 8, 4.0
+    noise = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    c, u = torch.arange(6) % 3, torch.full((6,), -1)
+    got, nfe = sample(model, noise, sch, n, guidance=APG(scale=w), cond=c, uncond=u)
+    assert nfe == 2 * n
+    sigmas = [sch.alpha_sigma(i)[1] for i in range(n + 1)]
+    assert sigmas[-1] == 0.0
+    x = noise * float(sch.init_noise_sigma)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        s = float(np.float32(math.log(s) / 4.0) * 4.0)  # the model sees sigma through float32 c_noise
+        s = math.exp(s)
+        d = _apg_x0(mix.denoise_ve(x, s, c), mix.denoise_ve(x, s, u), w)
+        x = d + (s_next / s) * (x - d)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    unguided, _ = sample(model, noise, sch, n, guidance=None, cond=c)
+    assert (got - unguided).abs().max() > 0.05  # the guidance did act
+
+
+def test_guidance_context_of_diffusers_edm_scheduler():
+    """For diffusers' own EDM scheduler the context reads sigma from ``c_noise``, undoes ``c_in``
+    and converts ``F`` to the exact denoiser, like the context of fewstep's EDM scheduler."""
+    from fewstep.guidance import GuidanceContext, scheduler_sigma_data
+
+    ref = EDMDPMSolverMultistepScheduler(sigma_data=0.7)
+    ref.set_timesteps(6)
+    ours = DPMSolverPPScheduler.from_config(ref.config)
+    ours.set_timesteps(6)
+    assert scheduler_sigma_data(ref) == scheduler_sigma_data(ours) == pytest.approx(0.7)
+    model = EDMMixtureModel(MIX, 0.7)
+    i = 2
+    sigma = float(ref.sigmas[i])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sigma
+    x_in = x * _c_in(sigma, 0.7)
+    out = model(x_in, ref.timesteps[i])
+    for sch in (ref, ours):
+        ctx = GuidanceContext.from_model_input(x_in, sch.timesteps[i], sch, i)
+        assert ctx.sigma == pytest.approx(sigma, rel=1e-5) and ctx.alpha == 1.0
+        torch.testing.assert_close(ctx.x, x, rtol=1e-5, atol=1e-6)
+        x0, _ = ctx.x0_eps(out)
+        torch.testing.assert_close(x0, MIX.denoise_ve(x, math.exp(4 * float(ref.timesteps[i]))), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ctx.from_space(ctx.to_space(out, "x0"), "x0"), out, rtol=1e-9, atol=1e-9)

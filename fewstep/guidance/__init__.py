@@ -12,7 +12,7 @@ Scale conventions: ``CFG``/``APG``/``AdaptiveGuidance``/``LinearAG`` take ``w`` 
 CFG++'s ``lambda``. Each class's docstring gives its paper equation and the space it works in.
 """
 
-from .base import Guidance, GuidanceContext, scheduler_alpha_sigma, scheduler_prediction_type
+from .base import Guidance, GuidanceContext, scheduler_alpha_sigma, scheduler_prediction_type, scheduler_sigma_data
 from .hook import GuidanceHandle, attach, detach
 from .linear_ag import LinearAG, fit_linear_ag
 from .methods import APG, CFG, AdaptiveGuidance, CFGPlusPlus, GuidanceRescale, apg_update, cosine_per_sample
@@ -34,4 +34,5 @@ __all__ = [
     "fit_linear_ag",
     "scheduler_alpha_sigma",
     "scheduler_prediction_type",
+    "scheduler_sigma_data",
 ]

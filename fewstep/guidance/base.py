@@ -32,7 +32,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..schedule import FLOW_SCHEDULER_CLASSES, PREDICTION_TYPES, NoiseSchedule, from_x0_eps, to_x0_eps
+from ..schedule import (
+    FLOW_SCHEDULER_CLASSES,
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    edm_preconditioning,
+    from_x0_eps,
+    is_edm_config,
+    to_x0_eps,
+)
 
 SPACES = ("x0", "eps", "v", "output")
 
@@ -73,6 +81,24 @@ def scheduler_prediction_type(scheduler) -> str:
     return pt
 
 
+def scheduler_sigma_data(scheduler) -> float | None:
+    """``sigma_data`` when the scheduler expects an EDM-preconditioned network (Karras et al. 2022,
+    Eq. 7: raw output ``F``, input ``c_in x``): fewstep schedulers on an EDM schedule and diffusers'
+    ``EDM*`` schedulers; None for VP and flow schedulers. diffusers' Cosine DPM-Solver (another
+    ``c_noise``) is a ``ValueError``."""
+    if scheduler is None:
+        return None
+    if hasattr(scheduler, "_edm_sigma_data"):
+        return scheduler._edm_sigma_data
+    name = type(scheduler).__name__
+    if name.startswith("Cosine"):
+        raise ValueError(f"{name} is not supported by fewstep guidance (its c_noise is not EDM's)")
+    cfg = dict(getattr(scheduler, "config", {}) or {})
+    if name.startswith("EDM") or is_edm_config(cfg):
+        return float(cfg.get("sigma_data") or 0.5)
+    return None
+
+
 def scheduler_alpha_sigma(scheduler, t, step_index: int | None = None) -> tuple[float, float]:
     """``(alpha, sigma)`` of the state the model sees at this step.
 
@@ -93,7 +119,7 @@ def scheduler_alpha_sigma(scheduler, t, step_index: int | None = None) -> tuple[
             scheduler._fewstep_noise_schedule = sched
         except Exception:  # pragma: no cover - frozen objects
             pass
-    tt = float(torch.as_tensor(t).reshape(-1)[0])
+    tt = float(sched.t_of_model_time(float(torch.as_tensor(t).reshape(-1)[0])))  # EDM: t is c_noise
     return float(sched.alpha(tt)), float(sched.sigma(tt))
 
 
@@ -104,10 +130,12 @@ def scheduler_alpha_sigma(scheduler, t, step_index: int | None = None) -> tuple[
 class GuidanceContext:
     """What a guidance rule may look at during one step.
 
-    ``x``: the model input (VP state ``alpha x0 + sigma eps``); ``t``: the model time;
-    ``alpha``/``sigma``: its noise level; ``prediction_type``: the raw-output type;
+    ``x``: the state ``alpha x0 + sigma eps`` (the model input, except on EDM schedulers where
+    the network sees ``c_in x``: build contexts with :meth:`from_model_input`); ``t``: the model
+    time; ``alpha``/``sigma``: its noise level; ``prediction_type``: the raw-output type;
     ``step_index``/``num_steps``: position in the generation (``num_steps`` may be None in the
-    pipeline hook when unknown); ``scheduler``: the scheduler, or None.
+    pipeline hook when unknown); ``scheduler``: the scheduler, or None; ``sigma_data``: set for
+    EDM-preconditioned networks, whose raw output is ``F`` (Karras et al. 2022, Eq. 7).
     """
 
     x: torch.Tensor
@@ -119,6 +147,23 @@ class GuidanceContext:
     num_steps: int | None = None
     scheduler: Any = None
     rows: torch.Tensor | None = None
+    sigma_data: float | None = None
+
+    @classmethod
+    def from_model_input(cls, x_in: torch.Tensor, t, scheduler, step_index: int = 0, num_steps: int | None = None,
+                         alpha_sigma: tuple[float, float] | None = None) -> "GuidanceContext":
+        """The context of one step from what the network is called with: reads ``alpha, sigma``,
+        the prediction type and EDM's ``sigma_data`` from ``scheduler`` and, on EDM schedulers,
+        undoes the input scaling ``c_in = 1 / sqrt((sigma/alpha)^2 + sigma_data^2)`` (Table 1) so
+        ``x`` is the state the conversions expect."""
+        a, s = alpha_sigma if alpha_sigma is not None else (
+            scheduler_alpha_sigma(scheduler, t, step_index) if scheduler is not None else (1.0, 0.0))
+        sd = scheduler_sigma_data(scheduler)
+        x = x_in
+        if sd is not None:
+            x = x_in / float(edm_preconditioning(s / a, sd)[2])
+        return cls(x, t, a, s, scheduler_prediction_type(scheduler), step_index, num_steps, scheduler,
+                   sigma_data=sd)
 
     def subset(self, mask: torch.Tensor) -> "GuidanceContext":
         """The context restricted to the samples where ``mask`` is true; ``rows`` keeps their
@@ -126,11 +171,12 @@ class GuidanceContext:
         idx = mask.nonzero().reshape(-1)
         rows = idx if self.rows is None else self.rows[idx]
         return GuidanceContext(self.x[mask], self.t, self.alpha, self.sigma, self.prediction_type,
-                               self.step_index, self.num_steps, self.scheduler, rows)
+                               self.step_index, self.num_steps, self.scheduler, rows, self.sigma_data)
 
     def x0_eps(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0, eps)`` of a raw output at this step (float64 when ``out`` is float64)."""
-        return to_x0_eps(out, self.x.to(out.dtype), self.alpha, self.sigma, self.prediction_type)
+        return to_x0_eps(out, self.x.to(out.dtype), self.alpha, self.sigma, self.prediction_type,
+                         sigma_data=self.sigma_data)
 
     def to_space(self, out: torch.Tensor, space: str) -> torch.Tensor:
         """A raw output expressed in ``space`` (``output`` returns it unchanged)."""
@@ -152,16 +198,17 @@ class GuidanceContext:
         x = (self.x if x is None else x).to(value.dtype)
         if space == "v":
             x0, eps = to_x0_eps(value, x, self.alpha, self.sigma, "v_prediction")
-            return from_x0_eps(x0, eps, self.alpha, self.sigma, self.prediction_type)
+            return from_x0_eps(x0, eps, self.alpha, self.sigma, self.prediction_type, sigma_data=self.sigma_data)
         if space == "x0":
             if self.sigma <= 0:
                 raise ValueError("cannot express an x0-space guidance at sigma = 0")
             eps = (x - self.alpha * value) / self.sigma
-            return from_x0_eps(value, eps, self.alpha, self.sigma, self.prediction_type)
+            return from_x0_eps(value, eps, self.alpha, self.sigma, self.prediction_type,
+                               sigma_data=self.sigma_data)
         if self.alpha <= 0:
             raise ValueError("cannot express an eps-space guidance at alpha = 0")
         x0 = (x - self.sigma * value) / self.alpha
-        return from_x0_eps(x0, value, self.alpha, self.sigma, self.prediction_type)
+        return from_x0_eps(x0, value, self.alpha, self.sigma, self.prediction_type, sigma_data=self.sigma_data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,9 +313,7 @@ class Guidance:
     # ---- native evaluation ------------------------------------------------------------------------
     def make_context(self, x, t, scheduler, step_index: int, num_steps: int | None) -> GuidanceContext:
         """Build the step context (reads alpha/sigma from the scheduler)."""
-        pt = scheduler_prediction_type(scheduler)
-        a, s = scheduler_alpha_sigma(scheduler, t, step_index) if scheduler is not None else (1.0, 0.0)
-        return GuidanceContext(x, t, a, s, pt, step_index, num_steps, scheduler)
+        return GuidanceContext.from_model_input(x, t, scheduler, step_index, num_steps)
 
     def predict(self, model: Callable, x: torch.Tensor, t, cond, uncond, scheduler=None, step_index: int = 0,
                 num_steps: int | None = None):

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .base import Guidance, GuidanceContext, scheduler_alpha_sigma, scheduler_prediction_type
+from .base import Guidance, GuidanceContext, scheduler_alpha_sigma
 
 _SAMPLE_KEYS = ("sample", "hidden_states")
 
@@ -204,8 +204,8 @@ class GuidanceHandle:
         sched = self.pipe.scheduler
         a, s = scheduler_alpha_sigma(sched, t, None)
         x_c = x[b:]
-        ctx = GuidanceContext(x_c, t, a, s, scheduler_prediction_type(sched), self._step,
-                              len(getattr(sched, "timesteps", [])) or None, sched)
+        ctx = GuidanceContext.from_model_input(x_c, t, sched, self._step, len(getattr(sched, "timesteps", [])) or None,
+                                               alpha_sigma=(a, s))
         g = self.guidance
         mask = g.needs_uncond(ctx).to(torch.bool).reshape(-1)
         if mask.numel() != b:
