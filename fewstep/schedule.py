@@ -49,6 +49,20 @@ def is_flow_matching_config(config: Mapping[str, Any]) -> bool:
     return "shift" in config and any(k in config for k in FLOW_ONLY_KEYS)
 
 
+def is_cosine_dpm_config(config: Mapping[str, Any]) -> bool:
+    """True for diffusers' ``CosineDPMSolverMultistepScheduler`` config (Stable Audio): by
+    ``_class_name``, or for an in-memory config by its keys (EDM's ``sigma_schedule``/``sigma_data``
+    with ``solver_order`` but without the ``algorithm_type`` every EDM DPM-Solver config has). Its
+    ``c_noise = atan(sigma) / (pi/2)`` is not EDM's, so fewstep refuses it rather than misread it."""
+    name = str(config.get("_class_name", ""))
+    if name == "CosineDPMSolverMultistepScheduler":
+        return True
+    if name:
+        return False
+    return (config.get("sigma_schedule") is not None and config.get("sigma_data") is not None
+            and "solver_order" in config and "algorithm_type" not in config and "schedule_kind" not in config)
+
+
 def is_edm_config(config: Mapping[str, Any]) -> bool:
     """True for an EDM scheduler config (``EDMDPMSolverMultistepScheduler``, ``EDMEulerScheduler``;
     Playground v2.5, CosXL): by ``_class_name`` when it was loaded from disk, by the EDM-only keys
@@ -59,6 +73,8 @@ def is_edm_config(config: Mapping[str, Any]) -> bool:
         return kind == "edm"
     if str(config.get("_class_name", "")).startswith("EDM"):
         return True
+    if is_cosine_dpm_config(config):
+        return False
     return config.get("sigma_schedule") is not None and config.get("sigma_data") is not None
 
 

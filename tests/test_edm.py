@@ -429,3 +429,26 @@ def test_guidance_context_of_diffusers_edm_scheduler():
         x0, _ = ctx.x0_eps(out)
         torch.testing.assert_close(x0, MIX.denoise_ve(x, math.exp(4 * float(ref.timesteps[i]))), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ctx.from_space(ctx.to_space(out, "x0"), "x0"), out, rtol=1e-9, atol=1e-9)
+
+
+def test_cosine_dpm_configs_are_refused_not_misread_as_edm():
+    """diffusers' CosineDPMSolverMultistepScheduler (needs torchsde, so its config is written out from
+    its signature here) shares EDM's keys but not its c_noise: refused on disk and in memory."""
+    from types import SimpleNamespace
+
+    from fewstep.guidance import scheduler_sigma_data
+    from fewstep.schedule import is_cosine_dpm_config, is_edm_config
+
+    live = dict(sigma_min=0.3, sigma_max=500.0, sigma_data=1.0, sigma_schedule="exponential", num_train_timesteps=1000,
+                solver_order=2, prediction_type="v_prediction", rho=7.0, solver_type="midpoint",
+                lower_order_final=True, euler_at_final=False, final_sigmas_type="zero")
+    for cfg in (live, {**live, "_class_name": "CosineDPMSolverMultistepScheduler"}):
+        assert is_cosine_dpm_config(cfg) and not is_edm_config(cfg)
+        with pytest.raises(ValueError, match="Cosine"):
+            DPMSolverPPScheduler.from_config(cfg)
+    with pytest.raises(ValueError, match="not supported by fewstep guidance"):
+        scheduler_sigma_data(SimpleNamespace(config=live))
+    edm_live = dict(EDMDPMSolverMultistepScheduler().config)
+    euler_live = dict(EDMEulerScheduler().config)
+    for cfg in (edm_live, euler_live):
+        assert is_edm_config(cfg) and not is_cosine_dpm_config(cfg)

@@ -38,6 +38,7 @@ from ..schedule import (
     NoiseSchedule,
     edm_preconditioning,
     from_x0_eps,
+    is_cosine_dpm_config,
     is_edm_config,
     to_x0_eps,
 )
@@ -91,9 +92,9 @@ def scheduler_sigma_data(scheduler) -> float | None:
     if hasattr(scheduler, "_edm_sigma_data"):
         return scheduler._edm_sigma_data
     name = type(scheduler).__name__
-    if name.startswith("Cosine"):
-        raise ValueError(f"{name} is not supported by fewstep guidance (its c_noise is not EDM's)")
     cfg = dict(getattr(scheduler, "config", {}) or {})
+    if name.startswith("Cosine") or is_cosine_dpm_config(cfg):
+        raise ValueError(f"{name} is not supported by fewstep guidance (its c_noise is not EDM's)")
     if name.startswith("EDM") or is_edm_config(cfg):
         return float(cfg.get("sigma_data") or 0.5)
     return None

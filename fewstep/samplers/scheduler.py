@@ -39,6 +39,7 @@ from ..schedule import (
     NoiseSchedule,
     _check_choice,
     edm_preconditioning,
+    is_cosine_dpm_config,
     is_edm_config,
     is_flow_matching_config,
     make_grid,
@@ -110,7 +111,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         :func:`fewstep.schedule.is_edm_config`) sets ``schedule_kind="edm"``, and its keywords
         ``sigma_min``, ``sigma_max``, ``sigma_data``, ``sigma_schedule`` and ``rho`` carry over."""
         cfg = dict(config) if isinstance(config, dict) else {}
-        if cfg.get("_class_name") == "CosineDPMSolverMultistepScheduler":
+        if is_cosine_dpm_config(cfg):
             raise ValueError(
                 "CosineDPMSolverMultistepScheduler configs are not supported: their noise conditioning "
                 "c_noise = atan(sigma) * 2 / pi differs from EDM's log(sigma) / 4"
