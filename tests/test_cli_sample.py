@@ -125,6 +125,33 @@ def test_device_dtype_resolution():
 
 
 # ---------------------------------------------------------------------------------- the command
+def test_eval_reads_a_sample_folder_through_its_record(tmp_path, capsys):
+    """``fewstep eval fd-digits OUT`` on ``fewstep sample``'s output uses exactly the listed images
+    (not grid.png, not record.json) and their intended labels from the record; the numbers equal
+    the Python API on the same images and labels."""
+    from fewstep.eval.fd_digits import fd_digits
+
+    out = tmp_path / "run"
+    argv = ["sample", "--model", "digits", "--scheduler", "ddim", "--steps", "3", "--guidance", "cfg:2.0",
+            "--labels", "3,7,1", "--n", "6", "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", "fd-digits", str(out), "--json", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["gen"]["n"] == 6 and "fewstep sample record" in got["gen"]["source"]
+    rec = json.loads((out / "record.json").read_text())
+    imgs = [torch.from_numpy(np.asarray(Image.open(out / n).convert("RGB"))).permute(2, 0, 1)
+            for n in sorted(rec["images"])]
+    labels = dict(zip(rec["images"], rec["settings"]["labels"]))
+    want = fd_digits(torch.stack(imgs), torch.tensor([labels[n] for n in sorted(rec["images"])]))
+    assert got["value"] == pytest.approx(want["fd"], rel=1e-6) and got["accuracy"] == want["accuracy"]
+    assert got["accuracy"] is not None
+    # an image the record lists but the folder lacks is an error, not a silently smaller sample
+    (out / rec["images"][2]).unlink()
+    assert main(["eval", "fd-digits", str(out), "--json", "--no-progress"]) != 0
+    assert "lists 1 image(s) that are missing" in capsys.readouterr().err
+
+
 def test_sample_writes_pngs_grid_and_record(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["sample", "--model", "digits", "--scheduler", "dpmpp-2m", "--steps", "3", "--guidance", "cfg:2.0",

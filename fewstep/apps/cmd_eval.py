@@ -225,6 +225,18 @@ def _label_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _record_labels(src) -> dict[str, int] | None:
+    """Intended class per image file of a ``fewstep sample`` output folder (its record's
+    ``settings.labels``, in generation order = ``images`` order), or None."""
+    rec = getattr(src, "record", None)
+    if rec is None:
+        return None
+    labels = (rec.get("settings") or {}).get("labels")
+    if not isinstance(labels, list) or len(labels) != len(rec["images"]):
+        return None
+    return {str(name): int(lab) for name, lab in zip(rec["images"], labels)}
+
+
 def _read_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [ln.rstrip("\n") for ln in f if ln.strip()]
@@ -339,6 +351,9 @@ def _run_fd_digits(args, device, rank, world) -> dict:
     else:
         labels = [_label_of(name) for name in res.names]
         labels = None if any(lab is None for lab in labels) else labels
+        by_name = _record_labels(src)
+        if labels is None and by_name is not None:
+            labels = [by_name[name] for name in res.names]
     out = fd_digits_from_stats(gen, res.extra, None if labels is None else torch.tensor(labels),
                                extractor=ext, batch_size=args.batch_size)
     return {

@@ -84,13 +84,47 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+SAMPLE_RECORD = "record.json"
+
+
+def read_sample_record(folder: str | os.PathLike) -> dict | None:
+    """The ``record.json`` that ``fewstep sample`` writes into its output folder (settings, image
+    file names, per-image labels), or None when ``folder`` holds none (or another program's)."""
+    import json
+
+    p = Path(folder) / SAMPLE_RECORD
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("command") != "fewstep sample" or not isinstance(rec.get("images"), list):
+        return None
+    return rec
+
+
 class FileImageSource(ImageSource):
-    """Images in a folder (searched recursively) or a ``.zip`` archive."""
+    """Images in a folder (searched recursively) or a ``.zip`` archive.
+
+    Every file counts (a non-image is reported as bad, never silently dropped), except in an output
+    folder of ``fewstep sample``: there exactly the images its ``record.json`` lists are used (not
+    ``grid.png`` or the record itself), and :attr:`record` holds that record.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._zip = None
-        if self.path.is_dir():
+        self.record = None
+        if self.path.is_dir() and (rec := read_sample_record(self.path)) is not None:
+            self.kind = "folder"
+            self.record = rec
+            missing = [n for n in rec["images"] if not (self.path / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.path / SAMPLE_RECORD} lists {len(missing)} image(s) that are missing, "
+                                        f"e.g. {missing[0]!r}")
+            self.names = sorted(str(n) for n in rec["images"])
+        elif self.path.is_dir():
             self.kind = "folder"
             files = [
                 p
@@ -109,7 +143,8 @@ class FileImageSource(ImageSource):
                 )
         else:
             raise FileNotFoundError(f"image source {str(self.path)!r} is neither a folder nor a zip file")
-        self.description = f"{self.kind} {self.path}"
+        self.description = f"{self.kind} {self.path}" + (
+            f" (the {len(self.names)} images of its fewstep sample record)" if self.record is not None else "")
 
     def __getstate__(self):  # zip handles do not pickle (DataLoader workers reopen them)
         state = dict(self.__dict__)
