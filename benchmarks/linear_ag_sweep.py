@@ -74,14 +74,15 @@ def main(argv=None) -> dict:
     print(f"| CFG | - | - | {nfe_cfg} | 0% | 0 | {fd_cfg:.3f} | {acc_cfg:.3f} |", flush=True)
     for space in args.spaces:
         for start in args.starts:
-            coef = fit_linear_ag(model, sched(), fit_noise, fit_labels, fit_null, steps, w, start_step=start, space=space)
+            coef = fit_linear_ag(model, sched(), fit_noise, fit_labels, fit_null, steps, w, start_step=start,
+                                 space=space)
             x, nfe = sample(model, noise, sched(), steps, guidance=LinearAG(coef), cond=labels, uncond=null)
             fd, acc = metrics(x)
             rm = float(((x.double() - cfg.double()) ** 2).mean().sqrt())
             rows.append({"name": "LinearAG", "space": space, "start_step": start, "passes": nfe,
                          "saved": 1 - nfe / nfe_cfg, "rmse_vs_cfg": rm, "fd": fd, "accuracy": acc})
-            print(f"| LinearAG | {space} | {start} | {nfe} | {1 - nfe / nfe_cfg:.0%} | {rm:.4f} | {fd:.3f} | {acc:.3f} |",
-                  flush=True)
+            print(f"| LinearAG | {space} | {start} | {nfe} | {1 - nfe / nfe_cfg:.0%} | {rm:.4f} | {fd:.3f} "
+                  f"| {acc:.3f} |", flush=True)
     result = {
         "protocol": f"digits teacher, DPM-Solver++ 2M, {steps} steps, CFG w = {w}, eval n = {n} (seed 0), "
                     f"LinearAG fitted on {m} CFG trajectories (seed 7)",
