@@ -6,6 +6,11 @@ for w = 2) next to fewstep's ``DPMSolverPPScheduler`` and diffusers' DPMSolverMu
 teacher's trailing grid, Karras, lu-lambdas), UniPC and DEIS, at NFE 4, 5, 6, 8, 10, 15 and
 classifier-free guidance w = 1 and 2 (``uncond + w (cond - uncond)``; NFE counts solver steps, one
 guided evaluation -- a cond + uncond pair at w = 2 -- per step, as in the DPM-Solver papers).
+Rows named ``... logsnr[-3,2.5]`` / ``... power1.3`` run on the grids chosen by
+benchmarks/dpm_v3_grid_search.py (on its own search set, seed 1), snapped to the EMS lambda grid and
+given unchanged to v3, v3 without EMS, fewstep DPM++ and diffusers' UniPC (whose ``set_timesteps``
+takes no custom grid for VP models: the grid is put into its ``timesteps``/``sigmas``, see
+:func:`install_grid`; these UniPC rows are not "diffusers configurations" and stay out of "best diffusers").
 
 Protocol: ``N`` samples balanced over the ten classes, fixed seed, the same start noise for every
 row and both guidance scales. Reference per guidance scale: a 1000-step deterministic solve from
@@ -21,6 +26,8 @@ Usage::
 
     python benchmarks/dpm_v3_digits.py                    # N=200, w = 1 and 2, ~11 min on 1 loaded CPU thread
     python benchmarks/dpm_v3_digits.py --guidance 1       # one scale; merges into the existing JSON
+    python benchmarks/dpm_v3_digits.py --guidance 1 --only "logsnr[" power1.3   # some rows; merged with the
+                                                          # stored rows of that scale (same N, seed, NFE)
     python benchmarks/dpm_v3_digits.py --n 20 --nfe 5 --allow-degenerated --out /tmp/x.json  # dry run
 
 Prints markdown tables (RMSE and FD, rows x NFE) per guidance scale, the best diffusers configuration
@@ -39,7 +46,10 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from fewstep.schedule import NoiseSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dpm_v3_digits.json"
 NFES = (4, 5, 6, 8, 10, 15)
@@ -48,6 +58,12 @@ TARGET_RATIO = 0.75
 EMS_FOR = {1.0: "digits", 2.0: "digits-cfg2"}
 V3_MAIN = "v3 o3 logsnr"  # the setting fixed in advance from the mixture benchmark
 LAMBDA_CLIP = -5.1  # diffusers' advice for the cosine schedule (``lambda_min_clipped`` docs); starts at t=995
+# grids chosen by benchmarks/dpm_v3_grid_search.py on its own search set (seed 1, N=100, w=1; lowest mean
+# RMSE over NFE 5-10 for v3 o2, one setting for all NFE; results/dpm_v3_grid_search.json), snapped to the
+# digits EMS lambda grid and given to every solver of the row group "... on tuned grid" unchanged
+TUNED_GRIDS = {"logsnr[-3,2.5]": ("logsnr", {"lo": -3.0, "hi": 2.5}), "power1.3": ("power", {"p": 1.3})}
+V3_TUNED = "v3 o2 logsnr[-3,2.5]"  # the overall winner of the search
+TUNED_GROUP = "diffusers solver, tuned grid"  # diffusers solvers on a grid diffusers cannot make: not "best diffusers"
 
 
 def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, callable]]:
@@ -87,7 +103,117 @@ def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, call
     # the same solver without EMS (l=1, s=0, b=0): what the statistics themselves contribute
     rows["v3 o3 trailing no-EMS"] = ("v3 without EMS", lambda: DPMSolverV3Scheduler.from_config(
         config, degenerated=True, solver_order=3, timestep_spacing="trailing"))
+    # the searched grids, with v3 and with the other solvers on exactly the same (EMS-snapped) points:
+    # v3 vs DPM++ / UniPC on one grid separates the solver's gain from the grid's
+    if degenerated:
+        return rows
+    from dpm_v3_grid_search import grid_fn
+
+    from fewstep.samplers import EMS
+    from fewstep.samplers.ems import resolve_ems_path
+    from fewstep.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(config)
+    snap_to = ems if isinstance(ems, EMS) else EMS.load(resolve_ems_path(ems))  # digits and -cfg2 share the grid
+    for gname, (fam, par) in TUNED_GRIDS.items():
+        grid = grid_fn(snap_to, schedule, fam, **par)
+        orders = (2, 3) if gname == "logsnr[-3,2.5]" else (2,)
+        for o in orders:
+            rows[f"v3 o{o} {gname}"] = ("v3", lambda o=o: DPMSolverV3Scheduler.from_config(
+                config, ems=ems, solver_order=o), grid)
+        rows[f"v3 o2 {gname} no-EMS"] = ("v3 without EMS", lambda: DPMSolverV3Scheduler.from_config(
+            config, degenerated=True, solver_order=2, round_timesteps=False), grid)
+        for o in orders:
+            rows[f"fewstep DPM++{o}M {gname}"] = ("fewstep", lambda o=o: DPMSolverPPScheduler.from_config(
+                config, solver_order=o, round_timesteps=False), grid)
+        for o in orders:
+            rows[f"diffusers UniPC bh2 o{o} {gname}"] = (TUNED_GROUP, lambda o=o: UniPCMultistepScheduler.from_config(
+                config, solver_order=o, solver_type="bh2"), grid)
     return rows
+
+
+def load_teacher():
+    """The digits teacher as ``model(x, t, c) -> v`` plus its scheduler config (a dict)."""
+    from fewstep.models import load_digits_pipeline
+    from fewstep.models.pipeline import load_digits_scheduler_config
+
+    config = dict(load_digits_scheduler_config())
+    unet = load_digits_pipeline().unet.eval()
+
+    def model(x, t, c):
+        t_in = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        return unet(x, t_in, class_labels=c).sample
+
+    return model, config
+
+
+def start_noise(n: int, seed: int):
+    """``(noise, labels, null)``: ``n`` start noises from ``seed``, labels balanced over the ten classes."""
+    from fewstep.models.pipeline import NULL_CLASS
+
+    if n < 10 or n % 10:
+        raise ValueError(f"--n must be a positive multiple of 10, got {n}")
+    labels = torch.arange(10).repeat_interleave(n // 10)
+    null = torch.full_like(labels, NULL_CLASS)
+    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return noise, labels, null
+
+
+def install_grid(sched, timesteps, schedule) -> None:
+    """Put explicit model times ``timesteps`` (training scale, decreasing, floats allowed; the grid
+    ends at sigma = 0 after the last one) on ``sched``. fewstep schedulers take them through
+    ``set_timesteps(timesteps=...)``; diffusers' multistep schedulers of this version take no float
+    ``timesteps=`` (UniPC: neither ``timesteps=`` nor, for VP models, ``sigmas=``), so for them
+    ``set_timesteps(n)`` is called and its ``timesteps`` / ``sigmas`` (VE ``sigma/alpha`` of
+    ``schedule``, then 0) are replaced in place -- the state their ``step`` reads."""
+    t = np.asarray(timesteps, dtype=np.float64)
+    if hasattr(sched, "_plan"):  # a FewstepScheduler
+        sched.set_timesteps(timesteps=t)
+        return
+    sched.set_timesteps(len(t))
+    sig = np.append(np.asarray(schedule.sigma_ve(t), dtype=np.float64), 0.0)
+    sched.timesteps = torch.from_numpy(t.astype(np.float32))
+    sched.sigmas = torch.from_numpy(sig.astype(np.float32))
+    sched.num_inference_steps = len(t)
+
+
+def solve(model, sched, steps, w, noise, labels, null, grid=None, schedule=None):
+    """Sample ``noise`` with ``sched`` for ``steps`` steps at guidance ``w``; ``grid`` (a callable
+    ``n -> model times``) replaces the scheduler's own grid (see :func:`install_grid`)."""
+    from fewstep.sample import sample
+
+    # start at grid index 0 even when the first rounded model times repeat (lambda grids on the
+    # cosine schedule give 999, 999, ... / diffusers Karras 998 x 4; both libraries' default
+    # "second match of a repeated time" lookup then skips the first point and fails)
+    set_ts = sched.set_timesteps
+
+    def set_timesteps(*a, **k):
+        if grid is None:
+            set_ts(*a, **k)
+        else:
+            sched.set_timesteps = set_ts
+            install_grid(sched, grid(steps), schedule)
+            sched.set_timesteps = set_timesteps
+        sched.set_begin_index(0)
+
+    sched.set_timesteps = set_timesteps
+    with torch.inference_mode():
+        x, nfe = sample(model, noise, sched, steps, guidance=w, cond=labels, uncond=null)
+    assert nfe == steps * (2 if w > 1 else 1), (nfe, steps, w)
+    return x.float()
+
+
+def reference(model, config, w, noise, labels, null, steps: int = 1000):
+    """The reference solve: fewstep DPM++ 2M on the trailing grid with ``steps`` steps."""
+    from fewstep.samplers import DPMSolverPPScheduler
+
+    ref_sched = DPMSolverPPScheduler.from_config(config, solver_order=2, timestep_spacing="trailing")
+    return solve(model, ref_sched, steps, w, noise, labels, null)
+
+
+def rmse_to(x, ref) -> float:
+    """Root-mean-square difference of two sample batches (model units)."""
+    return float(((x - ref) ** 2).mean().sqrt())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,25 +238,16 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
 
     from fewstep.eval.fd_digits import DigitsFeatures, fd_digits
-    from fewstep.models import load_digits_pipeline, load_digits_split
-    from fewstep.models.pipeline import NULL_CLASS, load_digits_scheduler_config
-    from fewstep.sample import sample
+    from fewstep.models import load_digits_split
     from fewstep.samplers import EMS, DPMSolverPPScheduler
     from fewstep.samplers.ems import resolve_ems_path
 
     warnings.filterwarnings("ignore", message=r"only \d+ generated images")  # FD at N < 128 (dry runs)
-    config = dict(load_digits_scheduler_config())
-    unet = load_digits_pipeline().unet.eval()
-
-    def model(x, t, c):
-        t_in = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        return unet(x, t_in, class_labels=c).sample
-
+    model, config = load_teacher()
+    schedule = NoiseSchedule.from_config(config)
     extractor = DigitsFeatures()
     x_test, _ = load_digits_split("test")
-    labels = torch.arange(10).repeat_interleave(args.n // 10)
-    null = torch.full_like(labels, NULL_CLASS)
-    noise = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
+    noise, labels, null = start_noise(args.n, args.seed)
 
     # timing of one UNet pass at batch N (the unit of cost)
     with torch.inference_mode():
@@ -141,21 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     unet_s = (time.perf_counter() - t0) / 3
     print(f"one UNet pass at batch {args.n}: {unet_s * 1e3:.0f} ms", flush=True)
 
-    def run(sched, steps, w, x0=noise, lab=labels, nul=null):
-        # start at grid index 0 even when the first rounded model times repeat (lambda grids on the
-        # cosine schedule give 999, 999, ... / diffusers Karras 998 x 4; both libraries' default
-        # "second match of a repeated time" lookup then skips the first point and fails)
-        set_ts = sched.set_timesteps
-
-        def set_timesteps(*a, **k):
-            set_ts(*a, **k)
-            sched.set_begin_index(0)
-
-        sched.set_timesteps = set_timesteps
-        with torch.inference_mode():
-            x, nfe = sample(model, x0, sched, steps, guidance=w, cond=lab, uncond=nul)
-        assert nfe == steps * (2 if w > 1 else 1), (nfe, steps, w)
-        return x.float()
+    def run(sched, steps, w, x0=noise, lab=labels, nul=null, grid=None):
+        return solve(model, sched, steps, w, x0, lab, nul, grid=grid, schedule=schedule)
 
     def quality(x):
         res = fd_digits((x.clamp(-1, 1) + 1) / 2, labels=labels, extractor=extractor, reference=x_test)
@@ -163,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    prev_n, prev_seed, prev_nfe = result.get("n"), result.get("seed"), result.get("nfe")
     result.update({
         "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
         "nfe": args.nfe, "n": args.n, "seed": args.seed, "threads": args.threads,
@@ -194,8 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             ems, degenerated = None, True
         print(f"\n=== w = {w:g} (EMS: {ems_name if not degenerated else 'none, degenerated'}) ===", flush=True)
         t0 = time.perf_counter()
-        ref_sched = DPMSolverPPScheduler.from_config(config, solver_order=2, timestep_spacing="trailing")
-        ref = run(ref_sched, args.ref_steps, w)
+        ref = reference(model, config, w, noise, labels, null, args.ref_steps)
         ref_s = time.perf_counter() - t0
         ref_fd, ref_acc = quality(ref)
         print(f"reference ({args.ref_steps} steps, {ref_s:.0f} s): FD {ref_fd:.3f}, acc {ref_acc:.3f}", flush=True)
@@ -213,15 +317,25 @@ def main(argv: list[str] | None = None) -> dict:
         rows = make_rows(config, ems, degenerated)
         if args.only:
             rows = {k: v for k, v in rows.items() if any(s in k for s in args.only)}
-        for name, (group, make) in rows.items():
+            # keep the rows of an earlier run of the same protocol, so the summary still sees them
+            old = result["guidance"].get(f"{w:g}")
+            if old is not None:
+                same = (result.get("n"), result.get("seed"), result.get("nfe")) == (prev_n, prev_seed, prev_nfe)
+                if not same:
+                    raise ValueError(f"--only merges into {out_path}, which holds N={prev_n}, seed={prev_seed}, "
+                                     f"NFE {prev_nfe}; run with the same --n/--seed/--nfe or another --out")
+                entry["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in rows}
+        for name, spec in rows.items():
+            group, make = spec[:2]
+            grid = spec[2] if len(spec) > 2 else None
             t0 = time.perf_counter()
             rec = {"group": group, "rmse": [], "fd": [], "accuracy": []}
             for n in args.nfe:
                 try:
-                    x = run(make(), n, w)
+                    x = run(make(), n, w, grid=grid)
                     if not torch.isfinite(x).all():
                         raise FloatingPointError("non-finite sample")
-                    rmse = float(((x - ref) ** 2).mean().sqrt())
+                    rmse = rmse_to(x, ref)
                     fd, acc = quality(x)
                 except Exception as err:  # noqa: BLE001 - record and go on (a failing config is a result)
                     rec.setdefault("errors", {})[str(n)] = f"{type(err).__name__}: {err}"
@@ -268,7 +382,9 @@ def summarize(entry: dict, nfes: list[int]) -> None:
         return out, who
 
     s = {}
-    for g in ("diffusers", "fewstep", "v3"):
+    for g in ("diffusers", "fewstep", "v3", TUNED_GROUP):
+        if g not in groups:
+            continue
         for key in ("rmse", "fd"):
             s[f"best {g} {key}"], s[f"best {g} {key} row"] = best(g, key)
     main = next((k for k in rows if k.startswith(V3_MAIN) and k[len(V3_MAIN):] in ("", " (degenerated)")), None)
@@ -282,6 +398,19 @@ def summarize(entry: dict, nfes: list[int]) -> None:
     if main:
         s["target met (v3 main)"] = {str(n): bool(s["ratio v3 main / best diffusers (rmse)"][i] <= TARGET_RATIO)
                                      for i, n in enumerate(nfes) if n in TARGET_NFES}
+    if V3_TUNED in rows:  # the searched grid: one fixed setting for all NFE
+        r = rows[V3_TUNED]["rmse"]
+        s["ratio v3 tuned / best diffusers (rmse)"] = [r[i] / bd[i] for i in range(len(nfes))]
+        s["target met (v3 tuned)"] = {str(n): bool(s["ratio v3 tuned / best diffusers (rmse)"][i] <= TARGET_RATIO)
+                                      for i, n in enumerate(nfes) if n in TARGET_NFES}
+        # same grid, other solver: what v3 itself adds on that grid
+        for other in ("diffusers UniPC bh2 o2", "fewstep DPM++2M"):
+            name = f"{other} {V3_TUNED[len('v3 o2 '):]}"
+            if name in rows:
+                s[f"ratio v3 tuned / {name} (rmse)"] = [r[i] / rows[name]["rmse"][i] for i in range(len(nfes))]
+        if f"{V3_TUNED} no-EMS" in rows:
+            s["ratio v3 tuned / same without EMS (rmse)"] = [
+                r[i] / rows[f"{V3_TUNED} no-EMS"]["rmse"][i] for i in range(len(nfes))]
     entry["summary"] = s
 
 
@@ -302,19 +431,23 @@ def print_tables(w: float, entry: dict, nfes: list[int], n: int) -> None:
                 c = "NaN" if math.isnan(v) else fmt.format(v)
                 cells.append(c)
             print(f"| {name} | " + " | ".join(cells) + " |")
-        for g in ("diffusers", "fewstep", "v3"):
-            print(f"| **best {g}** | " + " | ".join(fmt.format(v) for v in s[f"best {g} {key}"]) + " |")
+        for g in ("diffusers", "fewstep", "v3", TUNED_GROUP):
+            if f"best {g} {key}" in s:
+                print(f"| **best {g}** | " + " | ".join(fmt.format(v) for v in s[f"best {g} {key}"]) + " |")
         if key == "rmse":
             if "v3 main row" in s:
                 print(f"| {s['v3 main row']} / best diffusers | "
                       + " | ".join(f"{v:.3f}" for v in s["ratio v3 main / best diffusers (rmse)"]) + " |")
+            for k in s:
+                if k.startswith("ratio v3 tuned"):
+                    print(f"| {k[len('ratio '):-len(' (rmse)')]} | " + " | ".join(f"{v:.3f}" for v in s[k]) + " |")
             print("| best v3 / best diffusers | "
                   + " | ".join(f"{v:.3f}" for v in s["ratio best v3 / best diffusers (rmse)"]) + " |")
     print()
     print("best diffusers row per NFE (RMSE): " + ", ".join(
         f"{k}: {r}" for k, r in zip(nfes, s["best diffusers rmse row"])))
     print("best v3 row per NFE (RMSE): " + ", ".join(f"{k}: {r}" for k, r in zip(nfes, s["best v3 rmse row"])))
-    for tag in ("v3 main", "best v3"):
+    for tag in ("v3 main", "best v3", "v3 tuned"):
         key = f"target met ({tag})"
         if key in s:
             print(f"target (ratio <= {TARGET_RATIO}) {tag}: " + ", ".join(
