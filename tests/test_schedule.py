@@ -82,6 +82,43 @@ def test_logsnr_grid_is_uniform_in_lambda_and_sigma_min_has_no_zero_step():
     assert lam[-1] == pytest.approx(float(sched.lambda_(0.0)))
 
 
+def test_time_power_grid_closed_form_trailing_limit_and_scheduler_key():
+    cos = NoiseSchedule.from_config(dict(beta_schedule="squaredcos_cap_v2"))
+    # t_i = 1000 (1 - i/n)^p - 1: p = 2 is DPM-Solver's time_quadratic with the data at t = -1
+    g = make_grid(cos, 5, "time_power", power=2.0)
+    np.testing.assert_array_equal(g.timesteps, [999, 639, 359, 159, 39])
+    assert g.sigmas[-1] == 0.0 and g.alphas[-1] == 1.0
+    np.testing.assert_allclose(g.sigmas[:-1], cos.sigma(g.timesteps), rtol=1e-12)  # exact times, no snapping
+    f = make_grid(cos, 6, "time_power", power=1.3, round_timesteps=False).timesteps
+    np.testing.assert_allclose(f, 1000 * (1 - np.arange(6) / 6) ** 1.3 - 1, rtol=1e-12)
+    # p = 1 is trailing (after rounding) for any n
+    for n in (1, 3, 5, 7, 10, 25):
+        np.testing.assert_array_equal(make_grid(cos, n, "time_power", power=1.0).timesteps,
+                                      make_grid(cos, n, "trailing").timesteps)
+    # through the schedulers' config key
+    from fewstep.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
+
+    s = DPMSolverPPScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="time_power", timestep_power=2.0)
+    s.set_timesteps(5)
+    np.testing.assert_array_equal(s.timesteps.numpy(), [999, 639, 359, 159, 39])
+    v3 = DPMSolverV3Scheduler(beta_schedule="squaredcos_cap_v2", degenerated=True, timestep_spacing="time_power",
+                              timestep_power=1.3, round_timesteps=False)
+    v3.set_timesteps(6)
+    np.testing.assert_allclose(v3.timesteps.numpy(), f, rtol=1e-6)
+    # the last point may not fall below t = 0; the exponent must be positive; VP only
+    with pytest.raises(ValueError, match="num_inference_steps=32"):
+        make_grid(cos, 32, "time_power", power=2.0)
+    make_grid(cos, 31, "time_power", power=2.0)
+    assert make_grid(cos, 10, "time_power", power=3.0, round_timesteps=False).timesteps[-1] == 0.0  # 10^3 = 1000
+    for bad in (0.0, -1.0, float("nan"), "x", True):
+        with pytest.raises(ValueError, match="power"):
+            make_grid(cos, 5, "time_power", power=bad)
+    with pytest.raises(ValueError, match="timestep_power"):
+        DPMSolverPPScheduler(timestep_power=0.0)
+    with pytest.raises(ValueError, match="time_power"):
+        make_grid(NoiseSchedule(kind="edm"), 5, "time_power")
+
+
 def test_explicit_timesteps_and_sigmas():
     sched = NoiseSchedule.from_config(SD)
     g = make_grid(sched, timesteps=[999, 600, 200, 10])

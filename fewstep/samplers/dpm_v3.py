@@ -89,6 +89,8 @@ class DPMSolverV3Scheduler(FewstepScheduler):
       ``from_config(config, ems=...)`` and ``from_pretrained(folder)`` (``ems_file`` in the config).
       Without EMS the scheduler warns and runs ``degenerated``.
     * ``degenerated``: use ``l = 1, s = 0, b = 0`` (DPM-Solver++ in v3 form, paper App. A.2).
+    * the step grids of :class:`~fewstep.samplers.DPMSolverPPScheduler` (``timestep_spacing``
+      ``"logsnr"``, ``"karras"``, ``"exponential"``, ``"time_power"`` with ``timestep_power``).
     * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``): pseudo-order
       predictor; a corrector of one order more than the predictor that produced the point.
     * ``use_corrector``, ``half`` and ``half_region``: with ``half=True`` the corrector runs only on
@@ -148,6 +150,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
         karras_rho: float = 7.0,
+        timestep_power: float = 2.0,
         round_timesteps: bool | None = None,
         check_finite: bool = True,
         ems=None,

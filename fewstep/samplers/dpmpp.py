@@ -161,8 +161,10 @@ class DPMSolverPPScheduler(FewstepScheduler):
       ``num_inference_steps`` counts model evaluations (NFE). ``timesteps`` then lists every
       evaluation point. (diffusers' ``DPMSolverSinglestepScheduler`` instead cycles orders over the
       plain grid.) SDE is multistep only.
-    * ``timestep_spacing`` also takes ``"logsnr"``, ``"karras"`` (with ``karras_rho``) and
-      ``"exponential"``; ``set_timesteps`` accepts ``sigmas=`` as well as ``timesteps=``.
+    * ``timestep_spacing`` also takes ``"logsnr"``, ``"karras"`` (with ``karras_rho``),
+      ``"exponential"`` and ``"time_power"`` (with ``timestep_power``; ``2`` is DPM-Solver's
+      ``time_quadratic``, see :func:`fewstep.schedule.make_grid`); ``set_timesteps`` accepts
+      ``sigmas=`` as well as ``timesteps=``.
     * ``solver_type`` also takes the official names ``"dpmsolver"`` (= midpoint) and ``"taylor"`` (= heun).
     * SD3/Flux FlowMatch configs switch on flow sigmas automatically in ``from_config``.
     * EDM / VE models (Karras et al. 2022): ``from_config`` of an ``EDMDPMSolverMultistepScheduler``
@@ -229,6 +231,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
         time_shift_type: str = "exponential",
         method: str = "multistep",
         karras_rho: float = 7.0,
+        timestep_power: float = 2.0,
         round_timesteps: bool = True,
         exact_third_order: bool = False,
         check_finite: bool = True,

@@ -38,6 +38,7 @@ from ..schedule import (
     Grid,
     NoiseSchedule,
     _check_choice,
+    check_power,
     edm_preconditioning,
     is_cosine_dpm_config,
     is_edm_config,
@@ -134,6 +135,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver_order={order!r} is not supported; allowed: 1, 2, 3")
         if float(getattr(c, "karras_rho", 7.0)) <= 0:
             raise ValueError(f"karras_rho must be > 0, got {c.karras_rho}")
+        check_power("timestep_power", getattr(c, "timestep_power", 2.0))
         _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
         _check_choice("final_sigmas_type", c.final_sigmas_type, ("zero", "sigma_min"))
         flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_lu_lambdas, getattr(c, "use_beta_sigmas", False)]
@@ -269,6 +271,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             timesteps=timesteps,
             sigmas=sigmas,
             round_timesteps=bool(getattr(c, "round_timesteps", True)) and self.schedule.kind == "discrete",
+            power=float(getattr(c, "timestep_power", 2.0)),
         )
         grid = self._plan(grid, num_inference_steps)
         self._install(grid, device)
