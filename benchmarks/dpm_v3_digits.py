@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"reference check on {k} samples: RMSE(2M trailing-1000, 3M logsnr-1000) = "
                   f"{entry['reference_check']['rmse_between_references']:.2e}", flush=True)
         rows = make_rows(config, ems, degenerated)
+        order = list(rows)
         if args.only:
             rows = {k: v for k, v in rows.items() if any(s in k for s in args.only)}
             # keep the rows of an earlier run of the same protocol, so the summary still sees them
@@ -325,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
                     raise ValueError(f"--only merges into {out_path}, which holds N={prev_n}, seed={prev_seed}, "
                                      f"NFE {prev_nfe}; run with the same --n/--seed/--nfe or another --out")
                 entry["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in rows}
+                for k, v in old.items():  # e.g. the reference check of the earlier run
+                    entry.setdefault(k, v)
+                entry["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
         for name, spec in rows.items():
             group, make = spec[:2]
             grid = spec[2] if len(spec) > 2 else None
@@ -348,12 +353,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:<28} RMSE " + " ".join(f"{e:.4f}" for e in rec["rmse"]) + "  FD "
                   + " ".join(f"{e:.2f}" for e in rec["fd"]) + f"  ({rec['seconds']:.0f} s)"
                   + (f"  errors: {rec['errors']}" if "errors" in rec else ""), flush=True)
+        # table order = make_rows order, whichever rows were run now and which were kept
+        entry["rows"] = {k: entry["rows"][k] for k in sorted(
+            entry["rows"], key=lambda k: order.index(k) if k in order else len(order))}
         summarize(entry, args.nfe)
         entry["seconds"] = round(time.perf_counter() - t_w, 1)
-        entry["command"] = "python benchmarks/dpm_v3_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        entry["command"] = "python benchmarks/dpm_v3_digits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         result["guidance"][f"{w:g}"] = entry
         print_tables(w, entry, args.nfe, args.n)
-    result["command"] = "python benchmarks/dpm_v3_digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python benchmarks/dpm_v3_digits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     print(f"wrote {out_path}")

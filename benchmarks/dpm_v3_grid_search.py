@@ -8,7 +8,8 @@ search and recorded point by point in the JSON:
   pure noise at ``t(lo)``; the last model evaluation is at ``t(hi)``, then the step to sigma = 0).
   ``lo`` in {-9.918 (= lambda(999), no clipping), -6, -5.1, -4, -3, -2}, ``hi`` in
   {1, 1.5, 2, 2.5, 3, 4, 5.047 (= lambda(0))}.
-* ``power(p)``: ``t_i = 1000 (1 - i/n)^p - 1``, ``i = 0 .. n-1``: ``p = 1`` is ``trailing`` (up to diffusers' integer rounding), ``p = 2`` the discrete
+* ``power(p)``: ``t_i = 1000 (1 - i/n)^p - 1``, ``i = 0 .. n-1`` (make_grid's ``time_power``
+  spacing, ``timestep_power=p`` in fewstep schedulers): ``p = 1`` is ``trailing`` (up to diffusers' integer rounding), ``p = 2`` the discrete
   form of DPM-Solver's ``time_quadratic``. ``p`` in {0.7, 0.85, 1, 1.15, 1.3, 1.5, 1.75, 2, 2.5, 3}.
 * ``karras(smax, rho)``: Karras et al. 2022 Eq. 5 in VE sigma ``sigma/alpha`` from ``smax`` down
   to the schedule's smallest ``sigma_min = sigma/alpha(t=0)``. ``log smax`` in {9.918 (t=999), 6,
@@ -33,6 +34,8 @@ Usage::
     python benchmarks/dpm_v3_grid_search.py --n 20 --ref-steps 100 --out /tmp/g.json   # dry run
 
 Prints a table per family and writes ``benchmarks/results/dpm_v3_grid_search.json``.
+``--extra-nfe 15 20 30`` afterwards runs the stored winners (of v3 o2) and the trailing anchors at
+more steps on the same search set and adds them to the JSON (``extra_nfe``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -67,8 +71,10 @@ def family_times(schedule, family: str, n: int, **par) -> np.ndarray:
         lo = max(par["lo"], float(schedule.lambda_(schedule.t_max)))
         hi = min(par["hi"], float(schedule.lambda_(0.0)))
         return np.asarray(schedule.t_of_lambda(np.linspace(lo, hi, n)), dtype=np.float64)
-    if family == "power":
-        return (schedule.t_max + 1.0) * (1.0 - np.arange(n) / n) ** par["p"] - 1.0
+    if family == "power":  # = (t_max + 1) (1 - i/n)^p - 1
+        from fewstep.schedule import make_grid
+
+        return make_grid(schedule, n, "time_power", power=par["p"], round_timesteps=False).timesteps
     if family == "karras":
         from fewstep.schedule import karras_sigmas
 
@@ -113,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ref-steps", type=int, default=1000)
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--extra-nfe", type=int, nargs="+", default=None,
+                    help="instead of searching: run the stored per-family winners of v3 o2 and the trailing "
+                         "anchors at these NFE on the same search set (do the clipped grids level off?)")
     args = ap.parse_args(argv)
     if args.seed == 0:
         raise ValueError("seed 0 is the evaluation set of dpm_v3_digits.py; search on another seed")
@@ -142,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
         "UniPC bh2 o2": lambda: UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type="bh2"),
     }
 
-    def evaluate(make, grid) -> dict:
+    def evaluate(make, grid, nfes=args.nfe) -> dict:
         rec = {"rmse": []}
-        for n in args.nfe:
+        for n in nfes:
             try:
                 x = solve(model, make(), n, w, noise, labels, null, grid=grid, schedule=schedule)
                 if not torch.isfinite(x).all():
@@ -153,9 +162,30 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as err:  # noqa: BLE001 - a failing grid is a result
                 rec.setdefault("errors", {})[str(n)] = f"{type(err).__name__}: {err}"
                 rec["rmse"].append(float("nan"))
-        vals = [r for n, r in zip(args.nfe, rec["rmse"]) if n in TARGET_NFES]
+        vals = [r for n, r in zip(nfes, rec["rmse"]) if n in TARGET_NFES]
         rec["score"] = float(np.mean(vals)) if vals and not any(math.isnan(v) for v in vals) else float("inf")
         return rec
+
+    if args.extra_nfe:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        if (result["n"], result["seed"]) != (args.n, args.seed):
+            raise ValueError(f"{out} holds the search at N={result['n']}, seed={result['seed']}")
+        extra = {"nfe": args.extra_nfe, "solver": "v3 o2", "rows": {}, "command": "python benchmarks/"
+                 "dpm_v3_grid_search.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+        for sname, make in solvers.items():
+            extra["rows"][f"{sname} trailing"] = evaluate(make, None, args.extra_nfe)
+        for fam, rec in result["best"]["v3 o2"].items():
+            for sname, make in solvers.items():
+                extra["rows"][f"{sname} {rec['label']}"] = evaluate(
+                    make, grid_fn(ems, schedule, fam, **rec["params"]), args.extra_nfe)
+        for name, rec in extra["rows"].items():
+            rec.pop("score", None)
+            print(f"{name:<40} " + " ".join(f"{r:.4f}" for r in rec["rmse"]), flush=True)
+        result["extra_nfe"] = extra
+        out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+        print(f"wrote {out}")
+        return result
 
     result = {
         "protocol": __doc__.split("\n\n")[1].replace("\n", " ") + " " + __doc__.split("\n\n")[4].replace("\n", " "),
@@ -164,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference": f"fewstep DPMSolverPPScheduler 2M, trailing grid, {args.ref_steps} steps",
         "reference_seconds": round(ref_s, 1), "threads": args.threads,
         "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "command": "python benchmarks/dpm_v3_grid_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/dpm_v3_grid_search.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "anchors": {}, "search": {}, "best": {},
     }
     for sname, make in solvers.items():  # each solver on its own (unsnapped for UniPC) trailing grid
