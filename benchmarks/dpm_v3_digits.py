@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.n < 10 or args.n % 10:
         raise ValueError(f"--n must be a positive multiple of 10, got {args.n}")
     torch.set_num_threads(args.threads)
+    command = "python benchmarks/dpm_v3_digits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     import diffusers
 
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
-    prev_n, prev_seed, prev_nfe = result.get("n"), result.get("seed"), result.get("nfe")
+    prev_n, prev_seed, prev_nfe, prev_ref = (result.get(k) for k in ("n", "seed", "nfe", "reference"))
     result.update({
         "protocol": __doc__.split("\n\n")[2].replace("\n", " "),
         "nfe": args.nfe, "n": args.n, "seed": args.seed, "threads": args.threads,
@@ -322,10 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
             # keep the rows of an earlier run of the same protocol, so the summary still sees them
             old = result["guidance"].get(f"{w:g}")
             if old is not None:
-                same = (result.get("n"), result.get("seed"), result.get("nfe")) == (prev_n, prev_seed, prev_nfe)
+                same = (result.get("n"), result.get("seed"), result.get("nfe"), result.get("reference")) == (
+                    prev_n, prev_seed, prev_nfe, prev_ref)
                 if not same:
                     raise ValueError(f"--only merges into {out_path}, which holds N={prev_n}, seed={prev_seed}, "
-                                     f"NFE {prev_nfe}; run with the same --n/--seed/--nfe or another --out")
+                                     f"NFE {prev_nfe}, reference {prev_ref!r}; run with the same --n/--seed/--nfe/"
+                                     "--ref-steps or another --out")
                 entry["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in rows}
                 for k, v in old.items():  # e.g. the reference check of the earlier run
                     entry.setdefault(k, v)
@@ -358,10 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
             entry["rows"], key=lambda k: order.index(k) if k in order else len(order))}
         summarize(entry, args.nfe)
         entry["seconds"] = round(time.perf_counter() - t_w, 1)
-        entry["command"] = "python benchmarks/dpm_v3_digits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        entry["command"] = command
         result["guidance"][f"{w:g}"] = entry
         print_tables(w, entry, args.nfe, args.n)
-    result["command"] = "python benchmarks/dpm_v3_digits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result["command"] = command
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     print(f"wrote {out_path}")
@@ -390,9 +393,7 @@ def summarize(entry: dict, nfes: list[int]) -> None:
         return out, who
 
     s = {}
-    for g in ("diffusers", "fewstep", "v3", TUNED_GROUP):
-        if g not in groups:
-            continue
+    for g in ("diffusers", "fewstep", "v3", TUNED_GROUP):  # NaN where a group has no rows (--only)
         for key in ("rmse", "fd"):
             s[f"best {g} {key}"], s[f"best {g} {key} row"] = best(g, key)
     main = next((k for k in rows if k.startswith(V3_MAIN) and k[len(V3_MAIN):] in ("", " (degenerated)")), None)

@@ -9,8 +9,9 @@ search and recorded point by point in the JSON:
   ``lo`` in {-9.918 (= lambda(999), no clipping), -6, -5.1, -4, -3, -2}, ``hi`` in
   {1, 1.5, 2, 2.5, 3, 4, 5.047 (= lambda(0))}.
 * ``power(p)``: ``t_i = 1000 (1 - i/n)^p - 1``, ``i = 0 .. n-1`` (make_grid's ``time_power``
-  spacing, ``timestep_power=p`` in fewstep schedulers): ``p = 1`` is ``trailing`` (up to diffusers' integer rounding), ``p = 2`` the discrete
-  form of DPM-Solver's ``time_quadratic``. ``p`` in {0.7, 0.85, 1, 1.15, 1.3, 1.5, 1.75, 2, 2.5, 3}.
+  spacing, ``timestep_power=p`` in fewstep schedulers): ``p = 1`` is ``trailing`` (up to diffusers'
+  integer rounding), ``p = 2`` the discrete form of DPM-Solver's ``time_quadratic``. ``p`` in
+  {0.7, 0.85, 1, 1.15, 1.3, 1.5, 1.75, 2, 2.5, 3}.
 * ``karras(smax, rho)``: Karras et al. 2022 Eq. 5 in VE sigma ``sigma/alpha`` from ``smax`` down
   to the schedule's smallest ``sigma_min = sigma/alpha(t=0)``. ``log smax`` in {9.918 (t=999), 6,
   log 80 (EDM), 3, 2}, ``rho`` in {1, 2, 3, 5, 7, 10}.
@@ -50,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from dpm_v3_digits import TARGET_NFES, load_teacher, reference, rmse_to, solve, start_noise
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dpm_v3_grid_search.json"
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, config = load_teacher()
     schedule = NoiseSchedule.from_config(config)
-    assert abs(float(schedule.lambda_(999.0)) - LAMBDA_T999) < 1e-3 and abs(float(schedule.lambda_(0.0)) - LAMBDA_T0) < 1e-3
+    assert abs(float(schedule.lambda_(999.0)) - LAMBDA_T999) < 1e-3
+    assert abs(float(schedule.lambda_(0.0)) - LAMBDA_T0) < 1e-3
     ems = EMS.load(resolve_ems_path("digits"))
     noise, labels, null = start_noise(args.n, args.seed)
     w = 1.0
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     ref = reference(model, config, w, noise, labels, null, args.ref_steps)
     ref_s = time.perf_counter() - t0
-    print(f"search set: seed {args.seed}, N={args.n}, w=1; reference ({args.ref_steps} steps) {ref_s:.0f} s", flush=True)
+    print(f"search set: seed {args.seed}, N={args.n}, w=1; reference ({args.ref_steps} steps) {ref_s:.0f} s",
+          flush=True)
 
     solvers = {
         "v3 o2": lambda: DPMSolverV3Scheduler.from_config(config, ems=ems, solver_order=2),
