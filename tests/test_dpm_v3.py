@@ -146,3 +146,41 @@ def test_cfg_and_prediction_types(mixture_ems):
     m = GaussianMixtureModel(mix, s.schedule, "epsilon")
     x, nfe = sample(m, noise, s, 6, guidance=2.0, cond=torch.zeros(8, dtype=torch.long), uncond=-1)
     assert nfe == 12 and torch.isfinite(x).all()
+
+
+def test_more_steps_than_the_ems_grid_resolves(mixture_ems):
+    """A sampling grid finer than the EMS grid (here 150 logSNR steps on a 100-interval EMS) would
+    snap two points onto one EMS point; the scheduler interpolates the EMS onto a finer grid
+    instead, warns, and keeps converging: the error is far below the 8-step one and near the
+    float64 reference."""
+    cfg, mix, model, ems = mixture_ems
+    noise = torch.randn(24, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    s0 = math.exp(-float(model.schedule.lambda_(999.0)))
+    ref = reference_solve(mix, noise * math.sqrt(1 + s0**2), s0, 0.0)
+
+    def rmse(n):
+        s = DPMSolverV3Scheduler(**cfg, solver_order=3, timestep_spacing="logsnr", ems=ems)
+        x, _ = sample(model, noise, s, n)
+        return ((x - ref) ** 2).mean().sqrt().item(), s
+
+    with pytest.warns(UserWarning, match="finer than the EMS grid"):
+        fine, s = rmse(150)
+    assert len(s.timesteps) == 150 and len(np.unique(s._lambdas)) == 151
+    coarse, _ = rmse(8)
+    assert fine < 0.05 * coarse and fine < 1e-3
+
+
+def test_refined_ems_keeps_points_and_interpolates_linearly(mixture_ems):
+    _, _, model, ems = mixture_ems
+    r = ems.refined(3, model.schedule.t_of_lambda)
+    assert r.num_grid == 3 * ems.num_grid and r.metadata["refined_from_num_grid"] == ems.num_grid
+    np.testing.assert_array_equal(r.lambdas[::3], ems.lambdas)
+    np.testing.assert_array_equal(r.timesteps[::3], ems.timesteps)
+    for k in ("l", "s", "b"):
+        np.testing.assert_array_equal(getattr(r, k)[::3], getattr(ems, k))
+        a = getattr(ems, k)
+        np.testing.assert_allclose(getattr(r, k)[1::3], (2 * a[:-1] + a[1:]) / 3, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(r.lambdas, np.linspace(ems.lambdas[0], ems.lambdas[-1], 3 * ems.num_grid + 1),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.schedule.lambda_(r.timesteps), r.lambdas, rtol=0, atol=1e-8)
+    assert ems.refined(1, model.schedule.t_of_lambda) is ems

@@ -36,6 +36,7 @@ from ..schedule import Grid
 from .ems import EMS, resolve_ems_path
 from .scheduler import FewstepScheduler
 
+MAX_REFINE = 16  # finest interpolation of an EMS grid for sampling grids finer than it
 EMS_FILENAME = "ems.safetensors"
 HALF_REGIONS = ("noisy", "clean")
 
@@ -104,7 +105,9 @@ class DPMSolverV3Scheduler(FewstepScheduler):
       number of steps (diffusers only below 15 steps).
     * EMS snapping: every sampling point (any ``timestep_spacing``, explicit ``timesteps``/``sigmas``)
       is moved to the nearest EMS grid point in lambda, and the model is called at that point's
-      exact (float) time (``round_timesteps`` defaults to false with EMS).
+      exact (float) time (``round_timesteps`` defaults to false with EMS). A grid finer than the
+      EMS grid (two points would snap onto one) samples on the EMS linearly interpolated onto the
+      smallest finer grid that separates them (:meth:`EMS.refined`, up to 16x, with a warning).
 
     The last step into ``sigma = 0`` (``final_sigmas_type="zero"``) returns the data prediction of
     the last (corrected) point, like DPM-Solver++; ``final_sigmas_type="sigma_min"`` ends on the
@@ -158,6 +161,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         if half_region not in HALF_REGIONS:
             raise ValueError(f"half_region={half_region!r} is not supported; allowed: {HALF_REGIONS}")
         self.ems: EMS | None = None
+        self._run_ems: EMS | None = None
         self._round_auto = round_timesteps is None
         if self._round_auto:
             self.register_to_config(round_timesteps=True)
@@ -231,6 +235,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
                 stacklevel=3,
             )
         self.ems = ems
+        self._run_ems = ems
         if getattr(self, "_round_auto", False):
             # model times: exact snapped (float) times with EMS, diffusers' integer rounding without
             self.register_to_config(round_timesteps=not self.uses_ems)
@@ -244,18 +249,31 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     # ---------------------------------------------------------------------- grid
     def _plan(self, grid: Grid, num_inference_steps) -> Grid:
         self._ems_idx = None
+        self._run_ems = self.ems
         if not self.uses_ems:
             return grid
-        ems = self.ems
         lam = grid.lambdas
-        n = len(grid.timesteps)
         finite = np.isfinite(lam)
-        idx = ems.index_of(lam[finite])
-        if len(np.unique(idx)) != len(idx):
-            raise ValueError(
-                f"{n} steps on this grid put several points on the same EMS grid point after snapping "
-                f"(EMS num_grid={ems.num_grid}); use fewer steps or EMS with a finer grid"
-            )
+        idx = self.ems.index_of(lam[finite])  # also checks the grid lies inside the EMS range
+        factor = 1
+        while len(np.unique(idx)) != len(idx):
+            # more sampling points than the EMS grid resolves: snapping would merge points (a
+            # zero-length step); sample on a finer, interpolated copy of the EMS instead
+            factor += 1
+            if factor > MAX_REFINE:
+                raise ValueError(f"{len(grid.timesteps)} steps put several points on the same EMS grid point even "
+                                 f"on a {MAX_REFINE}x refined EMS grid (num_grid={self.ems.num_grid})")
+            pos = self.ems.num_grid * factor * (lam[finite] - self.ems.lambdas[0]) / (
+                self.ems.lambdas[-1] - self.ems.lambdas[0])
+            idx = np.clip(np.round(pos).astype(int), 0, self.ems.num_grid * factor)
+        if factor > 1:
+            self._run_ems = self.ems.refined(factor, lambda x: self.schedule.t_of_lambda(x))
+            warnings.warn(
+                f"{len(grid.timesteps)} sampling points are finer than the EMS grid (num_grid={self.ems.num_grid}): "
+                f"using the EMS linearly interpolated onto a {factor}x finer grid; compute EMS with a larger "
+                "num_grid to measure them there", UserWarning, stacklevel=3)
+        ems = self._run_ems
+        n = len(grid.timesteps)
         ts_all = ems.timesteps[idx]
         alphas = np.asarray(self.schedule.alpha(ts_all), dtype=np.float64)
         sigmas = np.asarray(self.schedule.sigma(ts_all), dtype=np.float64)
@@ -283,7 +301,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     def _l_at(self, p: dict, ref: torch.Tensor):
         if not self.uses_ems:
             return 1.0
-        return self._tensor(self.ems.l[p["k"]], ref)
+        return self._tensor(self._run_ems.l[p["k"]], ref)
 
     def _tensor(self, arr, ref: torch.Tensor):
         return torch.as_tensor(np.asarray(arr), dtype=ref.dtype, device=ref.device)
@@ -304,7 +322,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         """``g_p = e^{S_ref - S_p} f_p - e^{S_ref} (B_p - B_ref)`` (paper Eq. 8, relative to ``ref``)."""
         if not self.uses_ems:
             return f
-        e = self.ems
+        e = self._run_ems
         ks, kp = ref["k"], p["k"]
         if ks == kp:
             return f
@@ -324,7 +342,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
             for k, d in enumerate(derivs, start=1):
                 y = y - coeff[k] * d
             return a_t * y
-        e = self.ems
+        e = self._run_ems
         ks, kt = s["k"], target["k"]
         ref = x_s
         A = self._tensor(np.exp(e.L[ks] - e.L[kt]) / s["a"], ref)

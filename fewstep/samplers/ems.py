@@ -188,6 +188,33 @@ class EMS:
             self._ek_cache[key] = np.trapezoid(np.exp(a) * w, lam, axis=0) if j > i else np.zeros_like(a[0])
         return self._ek_cache[key]
 
+    def refined(self, factor: int, t_of_lambda: Callable[[np.ndarray], np.ndarray]) -> "EMS":
+        """The statistics on a grid ``factor`` times finer (uniform in lambda, same end points, every
+        original point kept exactly), ``l, s, b`` (and ``l_d``) linearly interpolated in lambda
+        between the measured points; ``t_of_lambda`` gives the model times of the new points (the
+        schedule's inverse of lambda). Used when a sampling grid is finer than the EMS grid, where
+        snapping would merge points. ``metadata["refined_from_num_grid"]`` records the original N."""
+        factor = int(factor)
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        if factor == 1:
+            return self
+        n0, n = self.num_grid, self.num_grid * factor
+        lam = np.linspace(self.lambdas[0], self.lambdas[-1], n + 1)
+        lam[::factor] = self.lambdas
+        pos = np.arange(n + 1) / factor
+        lo = np.minimum(np.floor(pos).astype(int), n0 - 1)
+        w = (pos - lo).reshape((-1,) + (1,) * len(self.shape))
+
+        def interp(a):
+            return None if a is None else (1.0 - w) * a[lo] + w * a[lo + 1]
+
+        ts = np.asarray(t_of_lambda(lam), dtype=np.float64)
+        ts[::factor] = self.timesteps
+        meta = {**self.metadata, "num_grid": n,
+                "refined_from_num_grid": int(self.metadata.get("refined_from_num_grid", n0))}
+        return EMS(lam, ts, interp(self.l), interp(self.s), interp(self.b), interp(self.l_d), meta)
+
     def b_coefficient(self, i: int, j: int) -> np.ndarray:
         """``int_{lambda_i}^{lambda_j} e^{(L+S)(lam) - (L+S)(lambda_i)} (B(lam) - B(lambda_i)) dlam``, the
         EMS offset term of paper Eq. 11 (``B = int e^{-S} b``) relative to ``lambda_i``, by the trapezoid
