@@ -327,7 +327,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         done = epoch + 1
         if done % cfg["checkpoint_every"] == 0 or done == cfg["epochs"]:
             _save_checkpoint(ckpt_path, cfg, stateful, gen, epoch=done, elapsed=time.time() - t0)
