@@ -106,10 +106,20 @@ class DigitsFeatures(nn.Module):
         dev = next(self.classifier.parameters()).device
         return self.classifier(prepared.to(dev, torch.float32)).float()
 
+    @torch.no_grad()
+    def embed_and_logits(self, prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (B, D), logits (B, 10))`` of prepared input in one pass of the classifier's
+        body when it offers ``classify(features)`` (the bundled one does), else two passes."""
+        feats = self.embed(prepared)
+        classify = getattr(self.classifier, "classify", None)
+        if classify is None:
+            return feats, self.logits(prepared)
+        return feats, classify(feats.to(next(self.classifier.parameters()).device)).float()
+
     def embed_indexed(self, prepared: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (B, D), logits (B, 10))`` for :func:`fewstep.eval.features.extract_features`,
         which gathers the logits in source order (``index`` is not needed)."""
-        return self.embed(prepared), self.logits(prepared)
+        return self.embed_and_logits(prepared)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features of raw images (uint8 or [0, 1] float, any size >= 8)."""
@@ -168,9 +178,12 @@ def fd_digits(
         raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
-        feats.append(extractor.embed(x[i : i + batch_size]).cpu())
-        if labels is not None:
-            logits.append(extractor.logits(x[i : i + batch_size]).cpu())
+        if labels is None:
+            feats.append(extractor.embed(x[i : i + batch_size]).cpu())
+        else:
+            f, lg = extractor.embed_and_logits(x[i : i + batch_size])
+            feats.append(f.cpu())
+            logits.append(lg.cpu())
     gen = FeatureStats.from_features(torch.cat(feats), extractor.meta())
     return fd_digits_from_stats(gen, torch.cat(logits) if logits else None, labels, extractor, reference, batch_size)
 

@@ -59,9 +59,13 @@ class DigitsClassifier(nn.Module):
         self._check(x)
         return self.body(x.float())
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, 10)`` from :meth:`features` output (the head; dropout is off in eval)."""
+        return self.head(self.dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, 10)`` of images ``x`` ``(B, 1, 8, 8)`` in [-1, 1]."""
-        return self.head(self.dropout(self.features(x)))
+        return self.classify(self.features(x))
 
 
 def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifier:
