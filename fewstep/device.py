@@ -1,6 +1,10 @@
-"""Device selection shared by the library (evaluation, EMS) and the command line."""
+"""Device selection and multi-process launches, shared by the library (evaluation, EMS) and the
+command line."""
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -40,3 +44,24 @@ def resolve_device(spec: str | torch.device | None = "auto", name: str = "device
         return torch.device(spec)
     except RuntimeError as err:
         raise ValueError(f"{name} {spec!r} is not a valid device: {err}") from None
+
+
+@contextlib.contextmanager
+def launched_processes(spec: str | torch.device | None = "auto", name: str = "device"):
+    """Context manager yielding ``(device, accelerator)`` for a command that may run under a
+    multi-process launch (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE`` > 1): there an
+    ``accelerate.Accelerator`` (on the CPU when ``spec`` is ``"cpu"``) and its device, which set up
+    the process group; otherwise ``(resolve_device(spec, name), None)``. On exit every rank waits
+    for the others and the group is destroyed: a gloo/nccl group left alive at exit aborts the
+    process ("terminate called without an active exception") and fails the launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield resolve_device(spec, name), None
+        return
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=str(spec).strip().lower() == "cpu")
+    try:
+        yield acc.device, acc
+    finally:
+        acc.wait_for_everyone()
+        acc.end_training()

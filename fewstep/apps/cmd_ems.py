@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 from pathlib import Path
 
 
@@ -77,28 +76,16 @@ def _resolve(args: argparse.Namespace, device=None):
     return model, json.loads(cfg_path.read_text()), _load_data(args.data), None, None, str(folder)
 
 
-def _accelerator(args: argparse.Namespace):
-    """An ``Accelerator`` when launched with several processes (``accelerate launch`` /
-    ``torchrun`` set ``WORLD_SIZE``), else ``None``: batches are then sharded across ranks."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=args.device == "cpu")
-
-
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from fewstep.apps.common import resolve_device
+    from fewstep.device import launched_processes
     from fewstep.samplers.ems import compute_ems
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    acc = _accelerator(args)
-    device = acc.device if acc is not None else resolve_device(args.device)
-    try:
+    with launched_processes(args.device, name="--device") as (device, acc):
         model, config, data, cond, uncond, model_id = _resolve(args, device)
         ems = compute_ems(
             model, config, data, num_grid=args.num_grid, num_samples=args.num_samples, batch_size=args.batch_size,
@@ -112,10 +99,6 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps({"output": str(path), "world_size": 1 if acc is None else acc.num_processes,
                               **{k: ems.metadata.get(k) for k in
                                  ("num_grid", "num_samples", "guidance_scale", "t_range", "seconds")}}, indent=2))
-    finally:
-        if acc is not None:  # a gloo/nccl group left alive at exit aborts the process
-            acc.wait_for_everyone()
-            acc.end_training()
     return 0
 
 

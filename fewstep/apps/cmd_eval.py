@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -120,18 +119,6 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _setup(args):
-    """Device and process info; initialises torch.distributed under accelerate launch."""
-    from fewstep.eval.features import resolve_device
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=args.device == "cpu")
-        return state.device, state.process_index, state.num_processes
-    return resolve_device(args.device), 0, 1
 
 
 def _is_npz(spec: str) -> bool:
@@ -381,22 +368,11 @@ def run_eval(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    device, rank, world = _setup(args)
-    try:
+    from fewstep.device import launched_processes
+
+    with launched_processes(args.device) as (device, acc):
+        rank, world = (0, 1) if acc is None else (acc.process_index, acc.num_processes)
         return _run(args, device, rank, world)
-    finally:
-        _teardown(world)
-
-
-def _teardown(world: int) -> None:
-    """Under ``accelerate launch``: wait for every rank, then destroy the process group, so no
-    rank exits with live gloo threads (that aborts with "terminate called without an active
-    exception" and fails the launch)."""
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _run(args, device, rank: int, world: int) -> int:
