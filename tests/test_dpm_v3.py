@@ -184,3 +184,5 @@ def test_refined_ems_keeps_points_and_interpolates_linearly(mixture_ems):
                                rtol=0, atol=1e-12)
     np.testing.assert_allclose(model.schedule.lambda_(r.timesteps), r.lambdas, rtol=0, atol=1e-8)
     assert ems.refined(1, model.schedule.t_of_lambda) is ems
+    lam = np.random.default_rng(0).uniform(ems.lambdas[0], ems.lambdas[-1], 50)
+    np.testing.assert_array_equal(ems.index_of(lam, refine=3), r.index_of(lam))  # the scheduler's check

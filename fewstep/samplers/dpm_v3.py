@@ -263,11 +263,9 @@ class DPMSolverV3Scheduler(FewstepScheduler):
             if factor > MAX_REFINE:
                 raise ValueError(f"{len(grid.timesteps)} steps put several points on the same EMS grid point even "
                                  f"on a {MAX_REFINE}x refined EMS grid (num_grid={self.ems.num_grid})")
-            pos = self.ems.num_grid * factor * (lam[finite] - self.ems.lambdas[0]) / (
-                self.ems.lambdas[-1] - self.ems.lambdas[0])
-            idx = np.clip(np.round(pos).astype(int), 0, self.ems.num_grid * factor)
+            idx = self.ems.index_of(lam[finite], refine=factor)
         if factor > 1:
-            self._run_ems = self.ems.refined(factor, lambda x: self.schedule.t_of_lambda(x))
+            self._run_ems = self.ems.refined(factor, self.schedule.t_of_lambda)
             warnings.warn(
                 f"{len(grid.timesteps)} sampling points are finer than the EMS grid (num_grid={self.ems.num_grid}): "
                 f"using the EMS linearly interpolated onto a {factor}x finer grid; compute EMS with a larger "

@@ -227,14 +227,16 @@ class EMS:
             self._ek_cache[key] = np.trapezoid(a, lam, axis=0) if j > i else np.zeros_like(a[0])
         return self._ek_cache[key]
 
-    def index_of(self, lam: np.ndarray | float, tolerance: float = 0.5) -> np.ndarray:
+    def index_of(self, lam: np.ndarray | float, tolerance: float = 0.5, refine: int = 1) -> np.ndarray:
         """Nearest grid index of each lambda (the official snapping
         ``round(N (lambda - lambda_0) / (lambda_N - lambda_0))``); a ``ValueError`` when a value lies
-        outside the grid by more than ``tolerance`` grid cells."""
+        outside the grid by more than ``tolerance`` grid cells. ``refine``: the index on the grid of
+        :meth:`refined` with that factor (``N -> refine N``, same end points; ``tolerance`` stays in
+        cells of this grid)."""
         lam = np.asarray(lam, dtype=np.float64)
-        lo, hi, n = self.lambdas[0], self.lambdas[-1], self.num_grid
+        lo, hi, n = self.lambdas[0], self.lambdas[-1], self.num_grid * int(refine)
         pos = n * (lam - lo) / (hi - lo)
-        if np.any(pos < -tolerance) or np.any(pos > n + tolerance):
+        if np.any(pos < -tolerance * refine) or np.any(pos > n + tolerance * refine):
             raise ValueError(
                 f"the sampling grid needs lambda in [{float(np.min(lam)):.4f}, {float(np.max(lam)):.4f}] but the EMS "
                 f"cover [{lo:.4f}, {hi:.4f}] (t range {self.timesteps[0]:g}..{self.timesteps[-1]:g}); recompute the "
