@@ -182,11 +182,16 @@ class EMS:
         (paper Eq. 13's high-order weights) by the trapezoid rule over grid points ``i..j``; cached."""
         key = (i, j, k)
         if key not in self._ek_cache:
-            lam = self.lambdas[i : j + 1]
-            a = (self.L + self.S)[i : j + 1] - (self.L + self.S)[i]
-            w = ((lam - lam[0]) ** k / math.factorial(k)).reshape((-1,) + (1,) * (a.ndim - 1))
-            self._ek_cache[key] = np.trapezoid(np.exp(a) * w, lam, axis=0) if j > i else np.zeros_like(a[0])
+            lam, growth = self._relative_growth(i, j)
+            w = ((lam - lam[0]) ** k / math.factorial(k)).reshape((-1,) + (1,) * (growth.ndim - 1))
+            self._ek_cache[key] = np.trapezoid(growth * w, lam, axis=0) if j > i else np.zeros_like(growth[0])
         return self._ek_cache[key]
+
+    def _relative_growth(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(lambda_i..lambda_j, e^{(L+S)(lambda) - (L+S)(lambda_i)})`` on grid points ``i..j``: the
+        integrand factor of every step weight, relative to the step start (never overflows)."""
+        ls = self.L[i : j + 1] + self.S[i : j + 1]
+        return self.lambdas[i : j + 1], np.exp(ls - ls[0])
 
     def refined(self, factor: int, t_of_lambda: Callable[[np.ndarray], np.ndarray]) -> "EMS":
         """The statistics on a grid ``factor`` times finer (uniform in lambda, same end points, every
@@ -221,9 +226,8 @@ class EMS:
         rule over grid points ``i..j`` (the scheduler multiplies ``e^{L_i + S_i - L_j}`` back); cached."""
         key = (i, j, -1)
         if key not in self._ek_cache:
-            lam = self.lambdas[i : j + 1]
-            ls = self.L + self.S
-            a = np.exp(ls[i : j + 1] - ls[i]) * (self.B[i : j + 1] - self.B[i])
+            lam, growth = self._relative_growth(i, j)
+            a = growth * (self.B[i : j + 1] - self.B[i])
             self._ek_cache[key] = np.trapezoid(a, lam, axis=0) if j > i else np.zeros_like(a[0])
         return self._ek_cache[key]
 
