@@ -277,29 +277,27 @@ def sd_img2img_inputs(seed: int = 0, batch: int = 1, strength: float = 0.6) -> d
     return kw
 
 
+def _pooled_inputs(seed: int, batch: int, text_dim: int, pooled_dim: int, size: int) -> dict:
+    """Seeded ``prompt_embeds`` (batch, 77, text_dim), ``pooled_prompt_embeds`` (batch, pooled_dim),
+    their negatives (drawn in that order), ``height = width = size``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": _randn((batch, TEXT_LEN, text_dim), g),
+        "negative_prompt_embeds": _randn((batch, TEXT_LEN, text_dim), g),
+        "pooled_prompt_embeds": _randn((batch, pooled_dim), g),
+        "negative_pooled_prompt_embeds": _randn((batch, pooled_dim), g),
+        "height": size,
+        "width": size,
+    }
+
+
 def sdxl_inputs(seed: int = 0, batch: int = 1) -> dict:
     """Call kwargs for :func:`tiny_sdxl`: seeded ``prompt_embeds`` (batch, 77, 64),
     ``pooled_prompt_embeds`` (batch, 32), their negatives, ``height = width = 32``."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "prompt_embeds": _randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
-        "negative_prompt_embeds": _randn((batch, TEXT_LEN, SDXL_TEXT_DIM), g),
-        "pooled_prompt_embeds": _randn((batch, SDXL_POOLED_DIM), g),
-        "negative_pooled_prompt_embeds": _randn((batch, SDXL_POOLED_DIM), g),
-        "height": SD_SIZE,
-        "width": SD_SIZE,
-    }
+    return _pooled_inputs(seed, batch, SDXL_TEXT_DIM, SDXL_POOLED_DIM, SD_SIZE)
 
 
 def sd3_inputs(seed: int = 0, batch: int = 1) -> dict:
     """Call kwargs for :func:`tiny_sd3`: seeded ``prompt_embeds`` (batch, 77, 32),
     ``pooled_prompt_embeds`` (batch, 64), their negatives, ``height = width = 32``."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "prompt_embeds": _randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
-        "negative_prompt_embeds": _randn((batch, TEXT_LEN, SD3_TEXT_DIM), g),
-        "pooled_prompt_embeds": _randn((batch, SD3_POOLED_DIM), g),
-        "negative_pooled_prompt_embeds": _randn((batch, SD3_POOLED_DIM), g),
-        "height": SD3_SIZE,
-        "width": SD3_SIZE,
-    }
+    return _pooled_inputs(seed, batch, SD3_TEXT_DIM, SD3_POOLED_DIM, SD3_SIZE)
