@@ -15,7 +15,16 @@ CFG++'s ``lambda``. Each class's docstring gives its paper equation and the spac
 from .base import Guidance, GuidanceContext, scheduler_alpha_sigma, scheduler_prediction_type, scheduler_sigma_data
 from .hook import GuidanceHandle, attach, detach
 from .linear_ag import LinearAG, fit_linear_ag
-from .methods import APG, CFG, AdaptiveGuidance, CFGPlusPlus, GuidanceRescale, apg_update, cosine_per_sample
+from .methods import (
+    APG,
+    CFG,
+    AdaptiveGuidance,
+    CFGPlusPlus,
+    GuidanceRescale,
+    apg_update,
+    cfg_combine,
+    cosine_per_sample,
+)
 
 __all__ = [
     "APG",
@@ -29,6 +38,7 @@ __all__ = [
     "LinearAG",
     "apg_update",
     "attach",
+    "cfg_combine",
     "cosine_per_sample",
     "detach",
     "fit_linear_ag",

@@ -59,6 +59,14 @@ class _WrappedGuidance(Guidance):
 
 
 # ------------------------------------------------------------------------------------------------
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on raw outputs (Ho & Salimans 2022, Eq. 6, diffusers' convention):
+    ``uncond + w (cond - uncond)`` with ``w = scale`` (``w = 1`` is the conditional model). Linear,
+    so it is the same in eps, x0, v or flow-velocity space. The one place fewstep writes this formula."""
+    return uncond + scale * (cond - uncond)
+
+
+# ------------------------------------------------------------------------------------------------
 class CFG(Guidance):
     """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Eq. 6).
 
@@ -81,7 +89,7 @@ class CFG(Guidance):
 
     def guide(self, cond, uncond, ctx):
         """``uncond + w (cond - uncond)``, computed in the outputs' dtype."""
-        return uncond + self.scale * (cond - uncond)
+        return cfg_combine(cond, uncond, self.scale)
 
     def _repr_args(self):
         return {"scale": self.scale}
@@ -265,7 +273,7 @@ class CFGPlusPlus(Guidance):
 
     def guide(self, cond, uncond, ctx):
         """``uncond + lambda (cond - uncond)`` on the raw output (= ``eps_lam`` in eps space)."""
-        return uncond + self.scale * (cond - uncond)
+        return cfg_combine(cond, uncond, self.scale)
 
     def renoise(self, cond, uncond, ctx):
         """The unconditional ``eps`` the scheduler renoises with."""
