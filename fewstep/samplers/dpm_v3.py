@@ -116,6 +116,8 @@ class DPMSolverV3Scheduler(FewstepScheduler):
 
     supports_renoise = True
     ignore_for_config = ["ems"]
+    # None: exact float model times when EMS are loaded, diffusers' integer rounding without (set_ems)
+    _config_overrides = {"round_timesteps": None}
 
     @register_to_config
     def __init__(

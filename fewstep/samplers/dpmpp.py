@@ -304,7 +304,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
                     t_r = float(sched.t_of_lambda(lam[j] + r * (lam[j + 1] - lam[j])))
                     a_out.append(float(sched.alpha(t_r)))
                     s_out.append(float(sched.sigma(t_r)))
-                    t_out.append(round(t_r) if sched.kind == "discrete" and self.config.round_timesteps else t_r)
+                    t_out.append(round(t_r) if self._rounds_timesteps else t_r)
                 plan.append((j, stage, orders[j]))
         self._plan_steps = plan
         self._outer_end = {}  # interval -> index of the grid point that ends it
