@@ -35,3 +35,7 @@ def third_order_singlestep_update(x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t
     return third_order_singlestep(x, Point(lam_s, math.nan, s_s), Point(lam_t, a_t, s_t),
                                   [(lam_s, m0), (lam_1, m1), (lam_2, m2)], solver_type)
 
+
+def dlogalpha_dlambda(schedule, alpha, sigma):
+    """Deprecated: ``schedule.dlogalpha_dlambda(alpha, sigma)`` (a method of every schedule kind)."""
+    return schedule.dlogalpha_dlambda(alpha, sigma)
