@@ -1,24 +1,24 @@
-"""Keeping moved names importable from their old modules, with a ``DeprecationWarning``."""
+"""Shims for names that moved: the old import path keeps working and warns once per use site."""
 
 from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable, Mapping
+from typing import Callable
 
 
-def moved_names(module: str, targets: Mapping[str, str], instead: str | None = None) -> Callable[[str], object]:
-    """A module-level ``__getattr__`` for ``module`` serving the names in ``targets``
-    (``{old_name: "package.module:new_name"}``): each access warns with a ``DeprecationWarning``
-    naming the replacement (``instead``, default the target) and returns the target object."""
+def moved_names(old_module: str, moves: dict[str, str]) -> Callable[[str], object]:
+    """A module-level ``__getattr__`` for ``old_module`` whose names moved: ``moves`` maps each old
+    name to ``"new.module:new_name"``. Reading a moved name imports it from its new home and
+    issues a ``DeprecationWarning`` naming both paths."""
 
     def __getattr__(name: str):
-        target = targets.get(name)
+        target = moves.get(name)
         if target is None:
-            raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        where, _, attr = target.partition(":")
-        warnings.warn(f"{module}.{name} is deprecated; use {instead or where + '.' + attr}", DeprecationWarning,
-                      stacklevel=2)
-        return getattr(importlib.import_module(where), attr)
+            raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
+        module, _, attr = target.partition(":")
+        warnings.warn(f"{old_module}.{name} moved to {module}.{attr}; import it from there "
+                      f"(the old path will be removed)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
 
     return __getattr__
