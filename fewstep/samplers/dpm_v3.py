@@ -27,9 +27,7 @@ HALF_REGIONS = ("noisy", "clean")
 class DPMSolverV3Scheduler(FewstepScheduler):
     """DPM-Solver-v3 (Zheng et al., NeurIPS 2023, arXiv 2310.13268): multistep predictor of order
     1-3 (paper Alg. 1 / Eq. 13), pseudo-order derivative estimates, and the corrector without extra
-    model evaluations (paper Sec. 3.3, Alg. 2: after the model has been evaluated at the predicted
-    point, the step into it is redone with that new value among the interpolation points and the
-    state is replaced while the nonlinear part ``N = sigma eps - l x`` is kept).
+    model evaluations (paper Sec. 3.3, Alg. 2).
 
     Takes the ``DPMSolverMultistepScheduler`` keywords (same meaning where they apply) plus:
 
@@ -38,28 +36,15 @@ class DPMSolverV3Scheduler(FewstepScheduler):
       ``from_config(config, ems=...)`` and ``from_pretrained(folder)`` (``ems_file`` in the config).
       Without EMS the scheduler warns and runs ``degenerated``.
     * ``degenerated``: use ``l = 1, s = 0, b = 0`` (DPM-Solver++ in v3 form, paper App. A.2).
-    * the step grids of :class:`~fewstep.samplers.DPMSolverPPScheduler` (``timestep_spacing``
-      ``"logsnr"``, ``"karras"``, ``"exponential"``, ``"time_power"`` with ``timestep_power``).
-    * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``): pseudo-order
-      predictor; a corrector of one order more than the predictor that produced the point.
-    * ``use_corrector``, ``half`` and ``half_region``: with ``half=True`` the corrector runs only on
-      half of the trajectory. The paper text says "t <= 0.5"; the official code corrects where
-      ``t > 0.5`` (the noisy half). fewstep follows the paper text by default
-      (``half_region="clean"``: points with ``t <= t_min + 0.5 (t_max - t_min)``) because on the exact
-      Gaussian mixture the noisy-half corrector measured the same as no corrector while the
-      clean-half one kept the whole gain (benchmarks/dpm_v3.py); ``half_region="noisy"``
-      reproduces the official code. The default ``half=False`` corrects everywhere.
-    * ``lower_order_final``: as the official v3, the last steps use orders ``<= n - i`` at any
-      number of steps (diffusers only below 15 steps).
-    * EMS snapping: every sampling point (any ``timestep_spacing``, explicit ``timesteps``/``sigmas``)
-      is moved to the nearest EMS grid point in lambda, and the model is called at that point's
-      exact (float) time (``round_timesteps`` defaults to false with EMS). A grid finer than the
-      EMS grid (two points would snap onto one) samples on the EMS linearly interpolated onto the
-      smallest finer grid that separates them (:meth:`EMS.refined`, up to 16x, with a warning).
+    * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``).
+    * ``use_corrector``, ``half`` and ``half_region`` (``"clean"``, the paper text's half, default;
+      ``"noisy"``, the official code's): with ``half=True`` the corrector runs on half of the trajectory.
+    * ``lower_order_final``: as the official v3, orders ``<= n - i`` on the last steps at any number of steps.
 
-    The last step into ``sigma = 0`` (``final_sigmas_type="zero"``) returns the data prediction of
-    the last (corrected) point, like DPM-Solver++; ``final_sigmas_type="sigma_min"`` ends on the
-    EMS grid instead. Units: ``timesteps`` on the training scale, lambdas = half log-SNR.
+    Every sampling point is snapped to the nearest EMS grid point in lambda and the model is called
+    at its exact float time; grids finer than the EMS grid run on an interpolated, refined EMS.
+    Units: ``timesteps`` on the training scale, lambdas = half log-SNR. Details:
+    docs/samplers-reference.md ("DPMSolverV3Scheduler").
     """
 
     supports_renoise = True
