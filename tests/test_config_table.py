@@ -9,7 +9,6 @@ import fewstep.samplers
 from fewstep.samplers import COMMON_CONFIG, EDM_CONFIG, OPTIONAL_CONFIG, DPMSolverPPScheduler, FewstepScheduler
 from fewstep.samplers.config import check_config, signature_mismatches
 
-
 for _name in fewstep.samplers.__all__:  # load every exported scheduler (the package imports lazily)
     getattr(fewstep.samplers, _name)
 

@@ -1,5 +1,5 @@
 """Signatures of fewstep <= 0.1 kept for old callers (served with a DeprecationWarning by the
-modules that had them).
+modules that had them, through :func:`fewstep._imports.moved_names`).
 
 The DPM-Solver++ updates took positional floats; use :mod:`fewstep.samplers.dpmpp_update`, whose
 functions take :class:`Point` records (``alpha_s`` was never an argument, no update reads it, and it
@@ -8,10 +8,7 @@ is NaN in the records built here).
 
 from __future__ import annotations
 
-import importlib
 import math
-import warnings
-from typing import Callable
 
 from .dpmpp_update import Point, first_order, second_order, third_order_multistep, third_order_singlestep
 
@@ -42,19 +39,3 @@ def third_order_singlestep_update(x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t
 def dlogalpha_dlambda(schedule, alpha, sigma):
     """Deprecated: ``schedule.dlogalpha_dlambda(alpha, sigma)`` (a method of every schedule kind)."""
     return schedule.dlogalpha_dlambda(alpha, sigma)
-
-
-def replaced_names(module: str, replacements: dict[str, str], fallback: Callable[[str], object] | None = None):
-    """A module-level ``__getattr__`` for ``module`` serving the old-signature functions of this
-    module named in ``replacements`` (old name -> what to use instead) with a ``DeprecationWarning``;
-    other names go to ``fallback`` (e.g. :func:`fewstep._deprecation.moved_names`)."""
-
-    def __getattr__(name: str):
-        if name in replacements:
-            warnings.warn(f"{module}.{name} is deprecated; use {replacements[name]}", DeprecationWarning, stacklevel=2)
-            return getattr(importlib.import_module(__name__), name)
-        if fallback is not None:
-            return fallback(name)
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-
-    return __getattr__

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from diffusers.configuration_utils import register_to_config
 
-from .._deprecation import moved_names
+from .._imports import moved_names
 from ..schedule import Grid
 from .dpm_v3_update import ClosedFormCoefficients, EMSCoefficients, V3Point, v3_update
 from .ems import EMS, resolve_ems_path

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from .._imports import moved_names
 from ..schedule import Grid, check_num_inference_steps
-from ._legacy import replaced_names
 from .dpmpp_update import Point, first_order, multistep_update, second_order, third_order_singlestep
 from .scheduler import FewstepScheduler
 
@@ -227,9 +227,9 @@ class DPMSolverPPScheduler(FewstepScheduler):
 
 # the DPM-Solver++ update functions of fewstep <= 0.1 took 7-12 positional floats and tensors; they now
 # take Points (fewstep.samplers.dpmpp_update), the old signatures stay importable from here
-__getattr__ = replaced_names(__name__, {
-    "first_order_update": "fewstep.samplers.dpmpp_update.first_order (takes Point records)",
-    "second_order_update": "fewstep.samplers.dpmpp_update.second_order (takes Point records)",
-    "third_order_multistep_update": "fewstep.samplers.dpmpp_update.third_order_multistep (takes Point records)",
-    "third_order_singlestep_update": "fewstep.samplers.dpmpp_update.third_order_singlestep (takes Point records)",
-})
+_OLD_UPDATES = {"first_order_update": "first_order", "second_order_update": "second_order",
+                "third_order_multistep_update": "third_order_multistep",
+                "third_order_singlestep_update": "third_order_singlestep"}
+__getattr__ = moved_names(__name__, {old: f"fewstep.samplers._legacy:{old}" for old in _OLD_UPDATES},
+                          {old: f"fewstep.samplers.dpmpp_update.{new} (takes Point records)"
+                           for old, new in _OLD_UPDATES.items()})

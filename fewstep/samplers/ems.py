@@ -19,10 +19,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .._deprecation import moved_names
+from .._imports import moved_names
 from ..models import shipped_file
 from ..schedule import NoiseSchedule
-from ._legacy import replaced_names
 
 EMS_FORMAT = "fewstep-ems-v1"
 METADATA_KEY = "fewstep_ems"
@@ -305,7 +304,10 @@ def lambda_grid(schedule: NoiseSchedule, num_grid: int, t_range: tuple[float, fl
 
 
 # moved to fewstep.samplers.ems_estimate (estimation) and onto the schedule kinds (dlogalpha_dlambda)
-__getattr__ = replaced_names(__name__, {"dlogalpha_dlambda": "schedule.dlogalpha_dlambda(alpha, sigma)"}, moved_names(
-    __name__, {**{name: f"fewstep.samplers.ems_estimate:{name}"
-                  for name in ("jvp", "smooth_derivative", "schedule_config", "n_rows")},
-               "compute_ems": "fewstep.samplers:compute_ems"}))
+__getattr__ = moved_names(
+    __name__,
+    {**{name: f"fewstep.samplers.ems_estimate:{name}" for name in ("jvp", "smooth_derivative", "schedule_config",
+                                                                  "n_rows")},
+     "compute_ems": "fewstep.samplers:compute_ems", "dlogalpha_dlambda": "fewstep.samplers._legacy:dlogalpha_dlambda"},
+    {"dlogalpha_dlambda": "schedule.dlogalpha_dlambda(alpha, sigma), a method of every schedule kind"},
+)

@@ -180,21 +180,30 @@ class _Problem:
         """Per-row ``(G*B,)`` values of grid quantity ``arr`` at grid indices ``idx``."""
         return torch.from_numpy(np.repeat(arr[idx], b)).to(device=self.device, dtype=self.dtype)
 
+    def draws(self, pass_no: int, bi: int, j0: int, rows: int):
+        """The random numbers of ``rows`` (grid point, sample) pairs of batch ``bi`` at grid chunk ``j0``:
+        the noise ``z`` and, in pass 1, the Rademacher probe ``v`` (else None), from a generator
+        seeded by (seed, pass, batch, chunk). Every draw of a run is made here."""
+        gen = torch.Generator().manual_seed(_seed(self.seed, pass_no, bi, j0))
+        z = torch.randn((rows,) + self.shape, generator=gen, dtype=torch.float64)
+        if pass_no != 1:
+            return z, None
+        return z, torch.randint(0, 2, (rows,) + self.shape, generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+
     def noised(self, bi: int, j0: int, idx, pass_no: int):
-        """Batch ``bi`` forward-noised to the grid points ``idx``: ``(x, c, t, alpha, sigma, gen, b)``
-        with the per-(pass, batch, chunk) generator that drew the noise (pass 1 draws probes from it too)."""
+        """Batch ``bi`` forward-noised to the grid points ``idx`` (grid-point major rows):
+        ``(x, c, t, alpha, sigma, v, b)`` with the pass-1 probes ``v`` (see :meth:`draws`)."""
         lo, hi = bi * self.batch_size, min(len(self.x_data), (bi + 1) * self.batch_size)
         x0 = self.x_data[lo:hi]
         c = self.cond if self.labels is None else self.labels[lo:hi]
         b, g = x0.shape[0], len(idx)
-        gen = torch.Generator().manual_seed(_seed(self.seed, pass_no, bi, j0))
-        z = torch.randn((g * b,) + self.shape, generator=gen, dtype=torch.float64)
+        z, v = self.draws(pass_no, bi, j0, g * b)
         a_r, s_r, t_r = self.rows(self.alphas, idx, b), self.rows(self.sigmas, idx, b), self.rows(self.ts, idx, b)
         x = _bcast(a_r.double(), z) * x0.repeat((g,) + (1,) * len(self.shape)) + _bcast(s_r.double(), z) * z
         cc = _repeat_cond(c, b, g)
         if isinstance(cc, torch.Tensor):
             cc = cc.to(self.device)
-        return x, cc, t_r, a_r, s_r, gen, b
+        return x, cc, t_r, a_r, s_r, v, b
 
     def reduce_rows(self, u: torch.Tensor, g: int, b: int) -> np.ndarray:
         """Sum per-row values ``(G*B, ...)`` over the batch: ``(G, ...)`` float64."""
@@ -259,9 +268,8 @@ def _pass1_batch(pb: _Problem, bi: int, state: _RunState, tick: Callable[[], Non
     """Pass 1 on batch ``bi``: ``sum_l += sigma (d eps/dx v) * v`` with Rademacher probes ``v``
     (Hutchinson's diagonal estimator of ``l* = E[diag(sigma d eps/dx)]``, paper Eq. 58)."""
     for j0, idx in pb.chunks():
-        x, cc, t_r, a_r, s_r, gen, b = pb.noised(bi, j0, idx, 1)
+        x, cc, t_r, a_r, s_r, v, b = pb.noised(bi, j0, idx, 1)
         g = len(idx)
-        v = torch.randint(0, 2, tuple(x.shape), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
         x, v = x.to(device=pb.device, dtype=pb.dtype), v.to(device=pb.device, dtype=pb.dtype)
         with torch.no_grad():
             _, jv = jvp(lambda xx: pb.eps(xx, t_r, a_r, s_r, cc), x, v, pb.jvp_mode)

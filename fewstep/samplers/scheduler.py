@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -407,6 +406,3 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Move ``x`` from grid point ``i`` to ``i + 1`` given the data prediction ``x0`` at ``i``."""
         raise NotImplementedError
-
-    def _describe(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
-        return {"timesteps": self.timesteps.tolist(), "sigmas": self.sigmas.tolist()}
