@@ -255,7 +255,9 @@ def _save_tiny_sd(folder: Path) -> None:
 _FINISHED: dict[str, tuple[dict, Path]] = {}
 
 
+# the small-N warning of FID / FD-digits: the documented examples use few images on purpose, and say so
 @pytest.mark.parametrize("block", [_param(b) for b in RUN_BLOCKS])
+@pytest.mark.filterwarnings("ignore:only \\d+ (generated|reference) images:UserWarning")
 def test_doc_block_runs(block: Block, tmp_path, monkeypatch):
     from fewstep.testing import one_thread
 
