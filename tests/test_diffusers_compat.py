@@ -1,0 +1,145 @@
+"""fewstep's schedulers as a diffusers drop-in (issue 11): switching from the scheduler configs real
+pipelines ship, diffusers' public attributes and call conventions, and bad values refused by name.
+
+The reference is diffusers' own ``DPMSolverMultistepScheduler`` built from the same config; the
+deliberate differences are listed in docs/samplers.md ("Compatibility with diffusers").
+"""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from diffusers import (
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.configuration_utils import register_to_config
+from scheduler_configs import SHIPPED_CONFIGS, shipped_config
+
+from fewstep.samplers import COMMON_CONFIG, OPTIONAL_CONFIG, DPMSolverPPScheduler, DPMSolverV3Scheduler, FewstepScheduler
+from fewstep.schedule import is_flow_matching_config
+from fewstep.testing import GaussianMixtureModel, make_gaussian_mixture
+
+MIX = make_gaussian_mixture(dim=64, seed=0)
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call ``fn`` with warnings silenced (DPM-Solver-v3 warns when it runs without EMS)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _reference(cfg: dict) -> DPMSolverMultistepScheduler:
+    """diffusers' DPM-Solver++ for a config. A FlowMatch config (SD3, Flux) needs flow sigmas switched
+    on by hand in diffusers; fewstep's ``from_config`` does that itself."""
+    if is_flow_matching_config(cfg):
+        return DPMSolverMultistepScheduler.from_config(
+            cfg, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=cfg["shift"])
+    return DPMSolverMultistepScheduler.from_config(cfg)
+
+
+def _sample(sched, model, x, n, mu=None, own_times=True, ref=None):
+    """Sample ``n`` steps with ``sched``; with ``ref`` (lockstep) both schedulers step with the model
+    output at the reference's state and the largest per-step difference is returned too."""
+    kw = {"mu": mu} if mu is not None else {}
+    sched.set_timesteps(n, **kw)
+    if ref is not None:
+        ref.set_timesteps(n, **kw)
+    worst = 0.0
+    for i, t in enumerate(sched.timesteps):
+        out = model(x, t, None)
+        nxt = sched.step(out, t, x).prev_sample
+        if ref is not None:
+            nxt_ref = ref.step(out, ref.timesteps[i], x).prev_sample
+            worst = max(worst, (nxt - nxt_ref).abs().max().item())
+            nxt = nxt_ref
+        x = nxt
+    return x, worst
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. switching from the configs pipelines ship
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_switching_from_shipped_configs_reproduces_diffusers(name, one_torch_thread):
+    """``DPMSolverPPScheduler.from_config(pipe.scheduler.config)`` for SD 1.5, SDXL, SD3, Flux, Wan
+    2.1/2.2 (UniPC, ``solver_type="bh2"``) and PixArt: it loads, maps the values diffusers maps, and
+    its samples equal diffusers' DPM-Solver++ built from the same config. VP models are sampled end to
+    end (each scheduler calls the model at its own timesteps); flow models in lockstep, because
+    diffusers' DPM-Solver passes flow times truncated to integers and fewstep the exact float times
+    (docs/samplers.md, "Compatibility with diffusers")."""
+    cfg = shipped_config(name)
+    ours = DPMSolverPPScheduler.from_config(cfg)
+    ref = _reference(cfg)
+    assert ours.config.solver_type == ref.config.solver_type == "midpoint"
+    assert ours.config.algorithm_type == ref.config.algorithm_type == "dpmsolver++"
+    assert ours.config.prediction_type == ref.config.prediction_type
+    mu = 0.8 if cfg.get("use_dynamic_shifting") else None  # Flux passes mu = f(image size)
+    for order in (1, 2, 3):
+        ours = DPMSolverPPScheduler.from_config(cfg, solver_order=order)
+        ref = _reference(dict(cfg, solver_order=order))
+        model = GaussianMixtureModel(MIX, ours.schedule, ours.config.prediction_type)
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(order))
+        if ours.schedule.kind == "discrete":
+            a, _ = _sample(ours, model, x, 8)
+            b, _ = _sample(ref, model, x, 8)
+            assert torch.equal(ours.timesteps, ref.timesteps)
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        else:
+            _, worst = _sample(ours, model, x, 8, mu=mu, ref=ref)
+            torch.testing.assert_close(ours.sigmas, ref.sigmas, atol=1e-6, rtol=1e-6)
+            assert worst < 1e-5, (name, order, worst)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_dpm_v3_loads_every_shipped_config(name, one_torch_thread):
+    """DPM-Solver-v3 switches from the same configs (keys it has no use for are ignored, as in diffusers)
+    and samples (degenerate statistics without EMS) to a finite result."""
+    cfg = shipped_config(name)
+    s = _quiet(DPMSolverV3Scheduler.from_config, cfg)
+    assert s.config.prediction_type == _reference(cfg).config.prediction_type
+    model = GaussianMixtureModel(MIX, s.schedule, s.config.prediction_type)
+    x, _ = _quiet(_sample, s, model, torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), 6,
+                  mu=0.8 if cfg.get("use_dynamic_shifting") else None)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("foreign,expect", [
+    (lambda: UniPCMultistepScheduler(solver_type="bh1"), {"solver_type": "midpoint"}),
+    (lambda: UniPCMultistepScheduler(solver_type="bh2"), {"solver_type": "midpoint"}),
+    (lambda: DEISMultistepScheduler(algorithm_type="deis", solver_type="logrho"),
+     {"solver_type": "midpoint", "algorithm_type": "dpmsolver++"}),
+], ids=["unipc-bh1", "unipc-bh2", "deis-logrho"])
+def test_unipc_and_deis_values_are_mapped_like_diffusers(foreign, expect):
+    """UniPC's ``bh1``/``bh2`` and DEIS' ``deis``/``logrho`` map as diffusers' DPM-Solver maps them
+    (given explicitly: diffusers' ``from_config`` drops values a config lists in ``_use_default_values``)."""
+    cfg = foreign().config
+    assert DPMSolverMultistepScheduler.from_config(cfg).config.solver_type == "midpoint"  # the premise
+    ours = DPMSolverPPScheduler.from_config(cfg)
+    for key, value in expect.items():
+        assert ours.config[key] == value
+
+
+def _minimal_scheduler(**extra):
+    """A new FewstepScheduler subclass that declares the table keywords plus ``extra`` and does
+    nothing of its own: what the base gives every scheduler added later (momentum, USF)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+               for k, v in {**COMMON_CONFIG, **OPTIONAL_CONFIG, **extra}.items()]
+
+    def __init__(self, **kwargs):
+        self._setup()
+
+    __init__.__signature__ = inspect.Signature(params)
+    return type("Minimal", (FewstepScheduler,), {"__init__": register_to_config(__init__)})
+
+
+def test_a_new_scheduler_inherits_the_value_mapping():
+    cls = _minimal_scheduler(solver_type="midpoint", algorithm_type="dpmsolver++")
+    s = cls.from_config(DEISMultistepScheduler(algorithm_type="deis", solver_type="logrho").config)
+    assert (s.config.solver_type, s.config.algorithm_type) == ("midpoint", "dpmsolver++")
+    s = cls.from_config(UniPCMultistepScheduler(solver_type="bh2").config)
+    assert s.config.solver_type == "midpoint"
