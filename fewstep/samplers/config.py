@@ -74,6 +74,19 @@ OPTIONAL_CONFIG: dict[str, Any] = {
 
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log")
 
+#: values other diffusers schedulers write that DPM-Solver++ reads as its own, as diffusers'
+#: ``DPMSolverMultistepScheduler.__init__`` maps them when a pipeline switches schedulers: UniPC's
+#: ``bh1``/``bh2`` and DEIS' ``logrho`` solver types, DEIS' ``deis`` algorithm
+SWITCHED_VALUES: dict[str, dict[str, str]] = {
+    "solver_type": {"bh1": "midpoint", "bh2": "midpoint", "logrho": "midpoint"},
+    "algorithm_type": {"deis": "dpmsolver++"},
+}
+
+
+def switched_values(config: Mapping[str, Any]) -> dict[str, str]:
+    """The entries of ``config`` that :data:`SWITCHED_VALUES` maps, with their mapped values."""
+    return {key: table[config[key]] for key, table in SWITCHED_VALUES.items() if config.get(key) in table}
+
 
 def config_value(config: Mapping[str, Any], key: str):
     """``config[key]`` for a table key; for an :data:`EDM_CONFIG` or :data:`OPTIONAL_CONFIG` key a

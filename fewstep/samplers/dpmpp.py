@@ -102,6 +102,8 @@ class DPMSolverPPScheduler(FewstepScheduler):
         sigma_schedule: str | None = None,
         rho: float | None = None,
     ):
+        self._setup()  # maps UniPC's/DEIS' solver and algorithm types first
+        algorithm_type, solver_type = self.config.algorithm_type, self.config.solver_type
         if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(
                 f"algorithm_type={algorithm_type!r} (noise-prediction DPM-Solver) is deprecated in diffusers and not "
@@ -116,7 +118,6 @@ class DPMSolverPPScheduler(FewstepScheduler):
         if method == "singlestep" and algorithm_type != "dpmsolver++":
             raise ValueError("method='singlestep' supports algorithm_type='dpmsolver++' only (SDE is multistep)")
         self._solver_type = SOLVER_TYPES[solver_type]
-        self._setup()
         self._reset_history()
 
     # ---------------------------------------------------------------------- state

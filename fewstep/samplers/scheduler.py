@@ -36,7 +36,7 @@ from ..schedule import (
     make_grid,
     to_x0_eps,
 )
-from .config import check_config, karras_rho
+from .config import check_config, karras_rho, switched_values
 
 
 @dataclass
@@ -119,7 +119,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _setup(self) -> None:
-        """Validate the config and build the noise schedule; called at the end of ``__init__``."""
+        """Map the values other diffusers schedulers write (UniPC's ``bh2``, DEIS' ``deis``; see
+        :data:`~fewstep.samplers.config.SWITCHED_VALUES`), validate the config and build the noise
+        schedule; called in ``__init__`` before the subclass reads its own keywords."""
+        mapped = switched_values(self.config)
+        if mapped:
+            self.register_to_config(**mapped)
         c = self.config
         check_config(c)
         cfg = dict(c)
