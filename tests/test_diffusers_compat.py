@@ -152,3 +152,32 @@ def test_a_new_scheduler_inherits_the_value_mapping():
     assert (s.config.solver_type, s.config.algorithm_type) == ("midpoint", "dpmsolver++")
     s = cls.from_config(UniPCMultistepScheduler(solver_type="bh2").config)
     assert s.config.solver_type == "midpoint"
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. zero terminal SNR
+# ------------------------------------------------------------------------------------------------
+BETAS = {"linear": {}, "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+         "cosine": dict(beta_schedule="squaredcos_cap_v2")}
+
+
+@pytest.mark.parametrize("betas", sorted(BETAS))
+def test_zero_terminal_snr_matches_diffusers(betas, one_torch_thread):
+    """``rescale_betas_zero_snr=True`` (Lin et al. 2024) with every beta schedule: with linear betas
+    diffusers' float32 ``alphas_cumprod`` falls below the forced last value ``2**-24`` at t = 996-998;
+    fewstep keeps diffusers' table as ``alphas_cumprod`` and samples like diffusers on trailing grids."""
+    cfg = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
+               **BETAS[betas])
+    ref = DPMSolverMultistepScheduler(**cfg)
+    ours = DPMSolverPPScheduler(**cfg)
+    assert ours.alphas_cumprod.dtype == torch.float32 and torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    for order in (1, 2, 3):
+        ours = DPMSolverPPScheduler(solver_order=order, **cfg)
+        ref = DPMSolverMultistepScheduler(solver_order=order, **cfg)
+        model = GaussianMixtureModel(MIX, ours.schedule, "v_prediction")
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(order))
+        a, _ = _sample(ours, model, x, 10)
+        b, _ = _sample(ref, model, x, 10)
+        assert torch.equal(ours.timesteps, ref.timesteps)
+        torch.testing.assert_close(ours.sigmas, ref.sigmas)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
