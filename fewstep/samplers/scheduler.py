@@ -35,8 +35,13 @@ from ..schedule import (
     is_flow_matching_config,
     make_grid,
     to_x0_eps,
+    training_tables,
 )
 from .config import check_config, karras_rho, switched_values
+
+#: the config keys that define a discrete schedule's training tables (diffusers' beta keywords)
+BETA_KEYWORDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
 
 
 @dataclass
@@ -135,8 +140,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         resolved = self.schedule.scheduler_config(c, self._rho)
         if resolved:  # so a saved config states them (from_config drops keys that were defaults)
             self.register_to_config(**resolved)
-        if self.schedule.alphas_cumprod is not None:
-            self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
+        if self.schedule.alphas_cumprod is not None:  # diffusers' float32 table, as the model was trained
+            self.alphas_cumprod = training_tables(**{k: c[k] for k in BETA_KEYWORDS})["alphas_cumprod"]
         self.init_noise_sigma = self.schedule.init_noise_sigma
         # default state before set_timesteps: every training timestep, like diffusers
         self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)

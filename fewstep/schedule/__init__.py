@@ -27,6 +27,7 @@ from .configs import (
     noise_schedule_of,
     schedule_from_config,
     schedule_kind_of_config,
+    training_tables,
 )
 from .grids import GRID_KINDS, LAMBDA_SPACINGS, Grid, check_num_inference_steps, check_power, karras_sigmas, make_grid
 from .kinds import (
@@ -72,4 +73,5 @@ __all__ = [
     "schedule_from_config",
     "schedule_kind_of_config",
     "to_x0_eps",
+    "training_tables",
 ]

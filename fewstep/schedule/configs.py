@@ -75,13 +75,79 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
 def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
     Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so the last is 0.
-    Runs in the dtype of ``betas`` (float32 for parity with diffusers)."""
+    Runs in the dtype of ``betas`` with diffusers' order of operations (float32: bit-identical)."""
     ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
-    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))
     ab = ab_sqrt**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
+
+
+def _check_beta(name: str, value) -> float:
+    """``value`` as a float when it is a valid noise variance in (0, 1), else a ``ValueError``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name}={value!r} is not a valid beta (noise variance of one training step): betas must "
+                         "lie in (0, 1); Stable Diffusion uses beta_start=0.00085, beta_end=0.012")
+    return v
+
+
+def training_tables(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: Sequence[float] | None = None,
+    rescale_betas_zero_snr: bool = False,
+) -> dict[str, torch.Tensor]:
+    """diffusers' float32 training tables ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod``
+    for the beta keywords, computed exactly as diffusers' DDPM-family schedulers do (bit-identical).
+    With ``rescale_betas_zero_snr`` the last ``alphas_cumprod`` is set to ``2**-24`` (diffusers PR
+    #7097) so that ``sigma/alpha`` stays finite. Bad values raise a ``ValueError`` naming the keyword."""
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) \
+            or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    if trained_betas is not None:
+        tb = np.asarray(trained_betas, dtype=np.float64)
+        if tb.ndim != 1 or len(tb) < 2 or not np.all((tb > 0) & (tb < 1)):
+            raise ValueError("trained_betas must be a 1-D sequence of at least 2 values in (0, 1)")
+        betas = torch.tensor(tb, dtype=torch.float32)
+    else:
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        if beta_schedule == "linear":
+            betas = torch.linspace(_check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end),
+                                   num_train_timesteps, dtype=torch.float32)
+        elif beta_schedule == "scaled_linear":
+            lo, hi = _check_beta("beta_start", beta_start) ** 0.5, _check_beta("beta_end", beta_end) ** 0.5
+            betas = torch.linspace(lo, hi, num_train_timesteps, dtype=torch.float32) ** 2
+        else:
+            betas = torch.tensor(_cosine_betas(num_train_timesteps), dtype=torch.float32)
+    if rescale_betas_zero_snr:
+        betas = _zero_terminal_snr(betas)
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, dim=0)
+    if rescale_betas_zero_snr:
+        ac[-1] = 2**-24
+    return {"betas": betas, "alphas": alphas, "alphas_cumprod": ac}
+
+
+def _monotone_terminal(ac: np.ndarray) -> np.ndarray:
+    """``alphas_cumprod`` with the entries that fall to or below the forced terminal value ``ac[-1]``
+    (diffusers' float32 zero-terminal-SNR table of linear betas: t = 996-998 lie below ``2**-24``)
+    replaced by the half log-SNR interpolated linearly from the last entry above it to ``ac[-1]``."""
+    low = np.nonzero(ac[:-1] <= ac[-1])[0]
+    if len(low) == 0 or low[0] == 0:
+        return ac
+    k0 = int(low[0]) - 1
+    lam = 0.5 * (np.log(ac) - np.log1p(-ac))
+    w = (np.arange(k0 + 1, len(ac) - 1) - k0) / (len(ac) - 1 - k0)
+    out = ac.copy()
+    out[k0 + 1 : -1] = 1.0 / (1.0 + np.exp(-2.0 * (lam[k0] + w * (lam[-1] - lam[k0]))))
+    return out
 
 
 def alphas_cumprod_from_config(
@@ -93,30 +159,13 @@ def alphas_cumprod_from_config(
     rescale_betas_zero_snr: bool = False,
 ) -> np.ndarray:
     """Cumulative product of ``1 - beta`` (``alpha_bar``, length ``num_train_timesteps``) for the
-    diffusers beta keywords. Computed in float32 first, exactly as diffusers does, so fewstep and
-    diffusers schedulers see bit-identical training schedules; returned as float64.
-
-    With ``rescale_betas_zero_snr`` the last entry is set to ``2**-24`` (diffusers PR #7097) so
-    that ``sigma/alpha`` stays finite.
-    """
-    if num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-    if trained_betas is not None:
-        betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
-    else:
-        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-        elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        else:
-            betas = torch.tensor(_cosine_betas(num_train_timesteps), dtype=torch.float32)
-    if rescale_betas_zero_snr:
-        betas = _zero_terminal_snr(betas)
-    ac = torch.cumprod(1.0 - betas, dim=0)
-    if rescale_betas_zero_snr:
-        ac[-1] = 2**-24
-    return ac.double().numpy()
+    diffusers beta keywords, as float64: diffusers' float32 table (:func:`training_tables`), so fewstep
+    and diffusers schedulers see bit-identical training schedules. One exception keeps the schedule
+    monotone: with ``rescale_betas_zero_snr`` the entries diffusers' float32 rounding puts below the
+    forced terminal ``2**-24`` (linear betas: t = 996-998) are interpolated in half log-SNR."""
+    ac = training_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         rescale_betas_zero_snr)["alphas_cumprod"].double().numpy()
+    return _monotone_terminal(ac) if rescale_betas_zero_snr else ac
 
 
 # ----------------------------------------------------------------------------------------------
