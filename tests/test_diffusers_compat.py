@@ -181,3 +181,29 @@ def test_zero_terminal_snr_matches_diffusers(betas, one_torch_thread):
         assert torch.equal(ours.timesteps, ref.timesteps)
         torch.testing.assert_close(ours.sigmas, ref.sigmas)
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. state before set_timesteps
+# ------------------------------------------------------------------------------------------------
+def test_state_and_add_noise_before_set_timesteps():
+    """As in diffusers, ``step_index``/``begin_index`` are None and ``add_noise`` works before
+    ``set_timesteps`` (training scripts call it so). The reference is DDPMScheduler's ``add_noise``
+    (``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) z``): diffusers' DPMSolverMultistepScheduler reads
+    its ascending ``sigmas`` with indices into its descending ``timesteps`` there (t = 10 gets the noise
+    level of t = 989), fewstep gives every timestep its own level."""
+    from diffusers import DDPMScheduler
+
+    sd = BETAS["scaled_linear"]
+    for cls in (DPMSolverPPScheduler, DPMSolverV3Scheduler):
+        s = _quiet(cls, **sd)
+        assert s.step_index is None and s.begin_index is None
+        x0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+        z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([10, 500, 999])
+        torch.testing.assert_close(s.add_noise(x0, z, t), DDPMScheduler(**sd).add_noise(x0, z, t))
+    flow = DPMSolverPPScheduler.from_config(shipped_config("sd3"))
+    assert flow.step_index is None and flow.begin_index is None
+    t = torch.tensor([250.0, 750.0])
+    s = (t / 1000).reshape(-1, 1)
+    torch.testing.assert_close(flow.add_noise(x0[:2], z[:2], t), (1 - s) * x0[:2] + s * z[:2])
