@@ -146,6 +146,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # default state before set_timesteps: every training timestep, like diffusers
         self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
         self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
 
     @property
     def _rho(self) -> float:
