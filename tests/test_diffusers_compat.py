@@ -207,3 +207,80 @@ def test_state_and_add_noise_before_set_timesteps():
     t = torch.tensor([250.0, 750.0])
     s = (t / 1000).reshape(-1, 1)
     torch.testing.assert_close(flow.add_noise(x0[:2], z[:2], t), (1 - s) * x0[:2] + s * z[:2])
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. public attributes diffusers code reads
+# ------------------------------------------------------------------------------------------------
+TABLES = ("betas", "alphas", "alphas_cumprod", "alpha_t", "sigma_t", "lambda_t")
+
+
+@pytest.mark.parametrize("cfg", [BETAS["scaled_linear"], BETAS["linear"], BETAS["cosine"],
+                                 dict(rescale_betas_zero_snr=True)], ids=["sd", "linear", "cosine", "zsnr"])
+def test_training_tables_equal_diffusers(cfg):
+    ours, ref = DPMSolverPPScheduler(**cfg), DPMSolverMultistepScheduler(**cfg)
+    for name in TABLES:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
+    v3 = _quiet(DPMSolverV3Scheduler, **cfg)
+    assert all(torch.equal(getattr(v3, name), getattr(ref, name)) for name in TABLES)
+
+
+def test_training_tables_are_none_where_no_beta_schedule_exists():
+    """A flow-matching or EDM model has no DDPM betas; diffusers' DPM-Solver computes tables from its
+    default betas there, fewstep says None."""
+    flow = DPMSolverPPScheduler.from_config(shipped_config("sd3"))
+    edm = DPMSolverPPScheduler(schedule_kind="edm")
+    for s in (flow, edm):
+        assert all(getattr(s, name) is None for name in TABLES)
+
+
+def _lockstep_state(cfg, n, edit=None):
+    """Step fewstep and diffusers with the same model outputs; before every step compare
+    ``convert_model_output``, after it ``model_outputs`` and ``lower_order_nums``. ``edit(sched)``
+    runs on both after step 3 (a pipeline editing the history, as ChronoEdit does). Returns the end state."""
+    ours, ref = DPMSolverPPScheduler(**cfg), DPMSolverMultistepScheduler(**cfg)
+    assert ours.model_outputs == ref.model_outputs == [None] * cfg["solver_order"]
+    assert ours.lower_order_nums == ref.lower_order_nums == 0
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    model = GaussianMixtureModel(MIX, ours.schedule, cfg.get("prediction_type", "epsilon"))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(ref.timesteps):
+        out = model(x, t, None)
+        if ref.step_index is None:  # diffusers' convert_model_output needs the index
+            ref._init_step_index(t)
+        torch.testing.assert_close(ours.convert_model_output(out, sample=x), ref.convert_model_output(out, sample=x))
+        x_ref = ref.step(out, t, x).prev_sample
+        x_ours = ours.step(out, t, x).prev_sample
+        torch.testing.assert_close(x_ours, x_ref, atol=1e-5, rtol=1e-5)
+        assert ours.lower_order_nums == ref.lower_order_nums
+        for a, b in zip(ours.model_outputs, ref.model_outputs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+        if i == 3 and edit is not None:
+            edit(ours)
+            edit(ref)
+        x = x_ref
+    return x
+
+
+def test_model_outputs_lower_order_nums_and_convert_model_output_follow_diffusers(one_torch_thread):
+    for order in (1, 2, 3):
+        _lockstep_state(dict(BETAS["scaled_linear"], solver_order=order, prediction_type="v_prediction"), 8)
+    _lockstep_state(dict(BETAS["scaled_linear"], solver_order=2, thresholding=True, sample_max_value=1.5,
+                         prediction_type="sample"), 6)
+
+
+def test_editing_model_outputs_acts_on_the_solver(one_torch_thread):
+    """A pipeline that edits ``scheduler.model_outputs`` between steps (ChronoEdit slices them) changes
+    the next steps of fewstep's multistep solver exactly as it changes diffusers'."""
+
+    def halve(s):
+        for j, m in enumerate(s.model_outputs):
+            s.model_outputs[j] = 0.5 * m
+
+    cfg = dict(BETAS["scaled_linear"], solver_order=3)
+    edited, plain = _lockstep_state(cfg, 8, edit=halve), _lockstep_state(cfg, 8)
+    assert (edited - plain).abs().max() > 1e-3  # the edit had an effect (on both, equally)
