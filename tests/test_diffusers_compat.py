@@ -245,7 +245,7 @@ def _lockstep_state(cfg, n, edit=None):
     ours.set_timesteps(n)
     ref.set_timesteps(n)
     model = GaussianMixtureModel(MIX, ours.schedule, cfg.get("prediction_type", "epsilon"))
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))  # diffusers' thresholding wants 4-D
     for i, t in enumerate(ref.timesteps):
         out = model(x, t, None)
         if ref.step_index is None:  # diffusers' convert_model_output needs the index

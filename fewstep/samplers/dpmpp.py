@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from diffusers.configuration_utils import register_to_config
 
 from .._imports import moved_names
@@ -122,7 +121,6 @@ class DPMSolverPPScheduler(FewstepScheduler):
 
     # ---------------------------------------------------------------------- state
     def _reset_history(self) -> None:
-        self._hist: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
         self._stage_state = None  # singlestep: (interval id, x_s, [(lambda, x0), ...])
 
     def _needs_noise(self) -> bool:
@@ -192,9 +190,9 @@ class DPMSolverPPScheduler(FewstepScheduler):
         c = self.config
         n = len(self.timesteps)
         s, t = self._point(i), self._point(i + 1)
-        self._hist.insert(0, (s.lam, x0))
-        del self._hist[c.solver_order :]
-        order = min(c.solver_order, len(self._hist))
+        # the history is diffusers' model_outputs (newest last), so pipelines that edit it act on the solver
+        order = min(c.solver_order, self.lower_order_nums + 1)
+        preds = [(float(self._lambdas[i - k]), self.model_outputs[-1 - k]) for k in range(order)]
         if i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"):
             order = 1
         elif i == n - 2 and c.lower_order_final and n < 15:
@@ -202,7 +200,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
         if not math.isfinite(t.lam):
             order = 1  # a step into sigma = 0 cannot use divided differences
         d2_weight = 2.0 if (c.exact_third_order and noise is None) else 1.0
-        return multistep_update(x, s, t, self._hist, order, self._solver_type, noise, d2_weight)
+        return multistep_update(x, s, t, preds, order, self._solver_type, noise, d2_weight)
 
     def _singlestep_update(self, i, x, x0):
         j, stage, order = self._plan_steps[i]

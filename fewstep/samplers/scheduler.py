@@ -37,7 +37,7 @@ from ..schedule import (
     to_x0_eps,
     training_tables,
 )
-from .config import check_config, karras_rho, switched_values
+from .config import check_config, config_value, karras_rho, switched_values
 
 #: the config keys that define a discrete schedule's training tables (diffusers' beta keywords)
 BETA_KEYWORDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -140,14 +140,28 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         resolved = self.schedule.scheduler_config(c, self._rho)
         if resolved:  # so a saved config states them (from_config drops keys that were defaults)
             self.register_to_config(**resolved)
-        if self.schedule.alphas_cumprod is not None:  # diffusers' float32 table, as the model was trained
-            self.alphas_cumprod = training_tables(**{k: c[k] for k in BETA_KEYWORDS})["alphas_cumprod"]
+        self._set_training_tables()
         self.init_noise_sigma = self.schedule.init_noise_sigma
         # default state before set_timesteps: every training timestep, like diffusers
         self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
+        self._reset_outputs()
+
+    def _set_training_tables(self) -> None:
+        """diffusers' public float32 training tables of a discrete (DDPM) schedule, indexed by training
+        time: ``betas``, ``alphas = 1 - betas``, ``alphas_cumprod``, ``alpha_t = sqrt(alphas_cumprod)``,
+        ``sigma_t = sqrt(1 - alphas_cumprod)``, ``lambda_t = log(alpha_t) - log(sigma_t)``, bit-identical
+        to diffusers'. None on flow-matching and EDM schedules, which have no betas."""
+        tables = dict.fromkeys(("betas", "alphas", "alphas_cumprod", "alpha_t", "sigma_t", "lambda_t"))
+        if self.schedule.alphas_cumprod is not None:
+            tables.update(training_tables(**{k: self.config[k] for k in BETA_KEYWORDS}))
+            ac = tables["alphas_cumprod"]
+            tables["alpha_t"], tables["sigma_t"] = torch.sqrt(ac), torch.sqrt(1 - ac)
+            tables["lambda_t"] = torch.log(tables["alpha_t"]) - torch.log(tables["sigma_t"])
+        for name, value in tables.items():
+            setattr(self, name, value)
 
     @property
     def _rho(self) -> float:
@@ -205,6 +219,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._install(grid, device)
         self._step_index = None
         self._begin_index = None
+        self._reset_outputs()
         self._reset_history()
 
     def _install(self, grid: Grid, device) -> None:
@@ -230,6 +245,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _reset_history(self) -> None:
         """Hook: forget all per-generation state (called by ``set_timesteps``)."""
+
+    def _reset_outputs(self) -> None:
+        """diffusers' history of data predictions: ``model_outputs`` (``solver_order`` entries, newest
+        last, ``None`` until filled) and ``lower_order_nums`` (steps taken, up to ``solver_order``)."""
+        self.model_outputs: list[torch.Tensor | None] = [None] * int(config_value(self.config, "solver_order"))
+        self.lower_order_nums = 0
 
     # ---------------------------------------------------------------------- index bookkeeping
     @property
@@ -374,29 +395,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if i >= len(self.timesteps):
             raise ValueError(f"step called {i + 1} times but the grid has {len(self.timesteps)} steps")
         c = self.config
-        out = model_output
-        if c["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
-            out = out[:, : sample.shape[1]]
-        if out.shape != sample.shape:
-            raise ValueError(
-                f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
-                f"at step {i}"
-            )
+        out = self._mean_output(model_output, sample, i)
         if c["check_finite"] and not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"model output at step {i} (timestep {float(self.timesteps[i])}) contains NaN or inf"
             )
         work = torch.promote_types(sample.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
         x = sample.to(work)
-        out32 = out.to(work)
-        a_s, s_s = self._alphas[i], self._sigmas[i]
-        x0, eps = to_x0_eps(out32, x, a_s, s_s, c["prediction_type"], sigma_data=self.schedule.sigma_data)
-        if c["thresholding"]:
-            x0 = threshold_x0(x0, c["dynamic_thresholding_ratio"], c["sample_max_value"])
+        x0 = self._data_prediction(out.to(work), x, i)
         if renoise_eps is not None:
             if not getattr(self, "supports_renoise", False):
                 raise ValueError(f"{type(self).__name__} does not support the CFG++ renoise protocol")
-            x = a_s * x0 + s_s * renoise_eps.to(work)
+            x = self._alphas[i] * x0 + self._sigmas[i] * renoise_eps.to(work)
         noise = None
         if self._needs_noise():
             if variance_noise is not None:
@@ -405,12 +415,55 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 from diffusers.utils.torch_utils import randn_tensor
 
                 noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=torch.float32).to(work)
+        for j in range(len(self.model_outputs) - 1):  # diffusers' history, newest last
+            self.model_outputs[j] = self.model_outputs[j + 1]
+        self.model_outputs[-1] = x0
         prev = self._update(i, x, x0, noise)
+        if self.lower_order_nums < len(self.model_outputs):
+            self.lower_order_nums += 1
         self._step_index = i + 1
         prev = prev.to(model_output.dtype)
         if not return_dict:
             return (prev, x0)
         return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _mean_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        """``model_output`` without the variance channels of ``learned``/``learned_range`` models,
+        checked against ``sample``'s shape."""
+        out = model_output
+        if self.config["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
+            out = out[:, : sample.shape[1]]
+        if out.shape != sample.shape:
+            raise ValueError(
+                f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
+                f"at step {i}"
+            )
+        return out
+
+    def _data_prediction(self, out: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The data prediction ``x0`` of the raw output ``out`` at grid point ``i`` (thresholded when
+        configured), in the dtype of ``x``."""
+        c = self.config
+        x0, _ = to_x0_eps(out, x, self._alphas[i], self._sigmas[i], c["prediction_type"],
+                          sigma_data=self.schedule.sigma_data)
+        if c["thresholding"]:
+            x0 = threshold_x0(x0, c["dynamic_thresholding_ratio"], c["sample_max_value"])
+        return x0
+
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None,
+                             **kwargs) -> torch.Tensor:
+        """diffusers' ``convert_model_output`` for DPM-Solver++: the data prediction ``x0`` of
+        ``model_output`` at the current step (``step_index``; before the first step the begin index or
+        0), thresholded when configured, in ``model_output``'s dtype. A positional timestep is accepted
+        and ignored, as diffusers does."""
+        if sample is None:
+            if len(args) < 2:
+                raise ValueError("convert_model_output needs `sample` (the current x_t)")
+            sample = args[1]
+        i = self._current_index()
+        work = torch.promote_types(sample.dtype, torch.float32)
+        out = self._mean_output(model_output, sample, i).to(work)
+        return self._data_prediction(out, sample.to(work), i).to(model_output.dtype)
 
     def _needs_noise(self) -> bool:
         return False
