@@ -284,3 +284,43 @@ def test_editing_model_outputs_acts_on_the_solver(one_torch_thread):
     cfg = dict(BETAS["scaled_linear"], solver_order=3)
     edited, plain = _lockstep_state(cfg, 8, edit=halve), _lockstep_state(cfg, 8)
     assert (edited - plain).abs().max() > 1e-3  # the edit had an effect (on both, equally)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. honest compatibles
+# ------------------------------------------------------------------------------------------------
+KIND_CONFIGS = {
+    "discrete": lambda: DPMSolverPPScheduler.from_config(shipped_config("sd15")),
+    "flow": lambda: DPMSolverPPScheduler.from_config(shipped_config("wan21")),
+    "edm": lambda: DPMSolverPPScheduler(schedule_kind="edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_CONFIGS))
+def test_compatibles_are_honest_and_round_trip(kind):
+    """``scheduler.compatibles`` (what UIs offer) lists only schedulers that read this config as the same
+    kind of model: no EDM or FlowMatch scheduler for an SD config, only flow-sigma solvers for a flow
+    config, only EDM schedulers for an EDM config. A round trip through each keeps the kind and grid."""
+    s = KIND_CONFIGS[kind]()
+    names = {c.__name__ for c in s.compatibles}
+    assert names == set(s._compatibles) and "DPMSolverPPScheduler" in names
+    if kind == "discrete":
+        assert {"DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler"} <= names
+        assert not any(n.startswith(("EDM", "FlowMatch")) for n in names)
+    elif kind == "flow":
+        assert {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler"} <= names
+        assert not names & {"EulerDiscreteScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"}
+        assert not any(n.startswith("EDM") for n in names)
+    else:
+        assert {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"} <= names
+        assert "DPMSolverMultistepScheduler" not in names and "DPMSolverV3Scheduler" not in names
+    s.set_timesteps(10)
+    for cls in s.compatibles:
+        try:
+            other = _quiet(cls.from_config, s.config)
+        except ImportError:  # DPMSolverSDEScheduler without torchsde
+            continue
+        back = _quiet(DPMSolverPPScheduler.from_config, other.config)
+        assert back.schedule.kind == s.schedule.kind, cls.__name__
+        back.set_timesteps(10)
+        torch.testing.assert_close(back.sigmas, s.sigmas, msg=cls.__name__)
