@@ -64,6 +64,17 @@ def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 
+def _fewstep_schedulers() -> list[type]:
+    """The loaded FewstepScheduler classes that fewstep ships (subclasses defined in ``fewstep.*``)."""
+    out, todo = [], list(FewstepScheduler.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("fewstep."):
+            out.append(cls)
+    return out
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class of fewstep's diffusers-compatible schedulers (see the module docstring).
 
@@ -81,6 +92,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ``x = x0 + sigma eps`` that ``step`` receives and returns is unscaled.
     """
 
+    # every class a fewstep scheduler may come from; an instance's own list (``compatibles``) depends on
+    # its schedule kind (_setup)
     _compatibles = (
         [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES) + ["EDMDPMSolverMultistepScheduler"]
     )
@@ -142,6 +155,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(**resolved)
         self._set_training_tables()
         self.init_noise_sigma = self.schedule.init_noise_sigma
+        self._compatibles = [c.__name__ for c in _fewstep_schedulers() if c.supports_schedule(self.schedule)]
+        self._compatibles += list(self.schedule.diffusers_schedulers)
         # default state before set_timesteps: every training timestep, like diffusers
         self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
         self.num_inference_steps = None
@@ -162,6 +177,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             tables["lambda_t"] = torch.log(tables["alpha_t"]) - torch.log(tables["sigma_t"])
         for name, value in tables.items():
             setattr(self, name, value)
+
+    @classmethod
+    def supports_schedule(cls, schedule: NoiseSchedule) -> bool:
+        """Whether this class samples models of ``schedule``'s kind (EDM/VE needs the EDM keywords)."""
+        return schedule.sigma_data is None or "schedule_kind" in inspect.signature(cls.__init__).parameters
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that read this scheduler's config as the same model (diffusers' and
+        fewstep's), for UIs that offer a switch: the DDPM-family schedulers for a discrete config, the
+        flow-sigma solvers for a flow-matching one, the EDM schedulers for an EDM one."""
+        import diffusers
+
+        own = {c.__name__: c for c in _fewstep_schedulers()}
+        return [own.get(n) or getattr(diffusers, n) for n in self._compatibles if n in own or hasattr(diffusers, n)]
 
     @property
     def _rho(self) -> float:

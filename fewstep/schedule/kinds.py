@@ -29,6 +29,13 @@ class DiscreteVPSchedule(NoiseSchedule):
     KIND = "discrete"
     FIELDS = ("alphas_cumprod", "lambda_min_clipped", "num_train_timesteps")
     integer_times = True
+    # diffusers' DDPM-family schedulers (KarrasDiffusionSchedulers without EDMEulerScheduler)
+    diffusers_schedulers = (
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+        "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
+    )
     spacings = ("linspace", "leading", "trailing", TIME_POWER) + LAMBDA_SPACINGS
 
     def __init__(self, alphas_cumprod=None, lambda_min_clipped: float = -math.inf,
@@ -115,6 +122,10 @@ class FlowMatchingSchedule(NoiseSchedule):
 
     KIND = "flow"
     FIELDS = ("num_train_timesteps", "shift")
+    # the diffusers solvers with use_flow_sigmas/flow_shift; FlowMatch schedulers read `shift`, which a
+    # DPM-style config does not carry, so they would sample with shift 1
+    diffusers_schedulers = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                            "DEISMultistepScheduler")
     spacings = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
@@ -202,6 +213,7 @@ class EDMSchedule(NoiseSchedule):
 
     KIND = "edm"
     FIELDS = ("sigma_min", "sigma_max", "sigma_data", "num_train_timesteps")
+    diffusers_schedulers = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
     spacings = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS
 
     def __init__(self, sigma_min: float | None = 0.002, sigma_max: float | None = 80.0, sigma_data: float = 0.5,
