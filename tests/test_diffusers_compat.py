@@ -324,3 +324,29 @@ def test_compatibles_are_honest_and_round_trip(kind):
         assert back.schedule.kind == s.schedule.kind, cls.__name__
         back.set_timesteps(10)
         torch.testing.assert_close(back.sigmas, s.sigmas, msg=cls.__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Beta sampling schedule
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("betas", ["scaled_linear", "linear"])
+def test_beta_sigmas_match_diffusers(betas, one_torch_thread):
+    """``use_beta_sigmas=True`` (Lee et al. 2024, "Beta Sampling is All You Need": noise levels at the
+    quantiles of Beta(0.6, 0.6) between the schedule's ends) places diffusers' sigmas and samples like
+    diffusers in lockstep. Model times are rounded, diffusers truncates them (docs/samplers.md)."""
+    cfg = dict(use_beta_sigmas=True, prediction_type="v_prediction", **BETAS[betas])
+    for n in (5, 12, 30):
+        ours, ref = DPMSolverPPScheduler(**cfg), DPMSolverMultistepScheduler(**cfg)
+        exact = DPMSolverPPScheduler(round_timesteps=False, **cfg)
+        for s in (ours, ref, exact):
+            s.set_timesteps(n)
+        torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=2e-6, atol=0)
+        t = exact.timesteps.double()
+        assert torch.equal(ours.timesteps, t.round().long()) and torch.equal(ref.timesteps, t.floor().long())
+    for order in (1, 2, 3):
+        ours = DPMSolverPPScheduler(solver_order=order, **cfg)
+        ref = DPMSolverMultistepScheduler(solver_order=order, **cfg)
+        model = GaussianMixtureModel(MIX, ours.schedule, "v_prediction")
+        _, worst = _sample(ours, model, torch.randn(4, 64, generator=torch.Generator().manual_seed(order)), 10,
+                           ref=ref)
+        assert worst < 1e-5, (order, worst)
