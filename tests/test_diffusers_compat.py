@@ -342,7 +342,9 @@ def test_beta_sigmas_match_diffusers(betas, one_torch_thread):
             s.set_timesteps(n)
         torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=2e-6, atol=0)
         t = exact.timesteps.double()
-        assert torch.equal(ours.timesteps, t.round().long()) and torch.equal(ref.timesteps, t.floor().long())
+        assert torch.equal(ours.timesteps, t.round().long())
+        below = t - ref.timesteps.double()  # diffusers truncates (its float32 levels: 999 becomes 998)
+        assert ((below > -1e-3) & (below < 1 + 1e-3)).all()
     for order in (1, 2, 3):
         ours = DPMSolverPPScheduler(solver_order=order, **cfg)
         ref = DPMSolverMultistepScheduler(solver_order=order, **cfg)

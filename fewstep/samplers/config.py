@@ -115,8 +115,6 @@ def check_config(c: Mapping[str, Any]) -> None:
     flags = [c["use_karras_sigmas"], c["use_exponential_sigmas"], c["use_lu_lambdas"], c["use_beta_sigmas"]]
     if sum(bool(f) for f in flags) > 1:
         raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive")
-    if c["use_beta_sigmas"]:
-        raise ValueError("use_beta_sigmas is not supported by fewstep; use timestep_spacing='karras' or 'logsnr'")
     check_choice("timestep_spacing", c["timestep_spacing"], GRID_KINDS)
     if c["variance_type"] not in VARIANCE_TYPES:
         raise ValueError(f"variance_type={c['variance_type']!r} is not supported")

@@ -136,6 +136,8 @@ class NoiseSchedule(metaclass=_KindDispatch):
             return "logsnr"
         if config.get("use_exponential_sigmas"):
             return "exponential"
+        if config.get("use_beta_sigmas"):
+            return "beta"
         return config["timestep_spacing"]
 
     def set_dynamic_shift(self, mu: float) -> None:

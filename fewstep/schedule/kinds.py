@@ -290,7 +290,7 @@ class EDMSchedule(NoiseSchedule):
     def scheduler_config(self, config, rho):
         """The grid is ``sigma_schedule`` (diffusers' flags do not apply); the resolved EDM values are
         stored so a saved config states them and diffusers' EDM schedulers can load it."""
-        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"):
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas", "use_beta_sigmas"):
             if config.get(flag, False):
                 raise ValueError(f"{flag}=True does not apply to an EDM schedule; choose the grid with sigma_schedule")
         return dict(schedule_kind=self.KIND, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
