@@ -352,3 +352,66 @@ def test_beta_sigmas_match_diffusers(betas, one_torch_thread):
         _, worst = _sample(ours, model, torch.randn(4, 64, generator=torch.Generator().manual_seed(order)), 10,
                            ref=ref)
         assert worst < 1e-5, (order, worst)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. call conventions
+# ------------------------------------------------------------------------------------------------
+def test_step_tuple_is_prev_sample_only_and_x0_stays_on_the_output():
+    """``step(..., return_dict=False)`` returns ``(prev_sample,)`` as diffusers does; the data prediction
+    stays available as ``pred_original_sample`` of the returned output object."""
+    ref, ours = DPMSolverMultistepScheduler(**BETAS["scaled_linear"]), DPMSolverPPScheduler(**BETAS["scaled_linear"])
+    for s in (ref, ours):
+        s.set_timesteps(4)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    out = GaussianMixtureModel(MIX, ours.schedule)(x, ours.timesteps[0], None)
+    a = ref.step(out, ref.timesteps[0], x, return_dict=False)
+    b = ours.step(out, ours.timesteps[0], x, return_dict=False)
+    assert isinstance(b, tuple) and len(b) == len(a) == 1
+    torch.testing.assert_close(b[0], a[0])
+    ours.set_timesteps(4)
+    full = ours.step(out, ours.timesteps[0], x)
+    torch.testing.assert_close(full.prev_sample, b[0])
+    torch.testing.assert_close(full.pred_original_sample, ours.convert_model_output(out, sample=x))
+
+
+def test_set_timesteps_takes_diffusers_positional_order():
+    """diffusers' DPM-Solver: ``set_timesteps(num_inference_steps, device, mu, timesteps)``."""
+    cfg = shipped_config("flux_dev")
+    by_position, by_name = DPMSolverPPScheduler.from_config(cfg), DPMSolverPPScheduler.from_config(cfg)
+    by_position.set_timesteps(6, "cpu", 0.9)
+    by_name.set_timesteps(6, device="cpu", mu=0.9)
+    torch.testing.assert_close(by_position.sigmas, by_name.sigmas)
+    s = DPMSolverPPScheduler(**BETAS["scaled_linear"])
+    s.set_timesteps(None, None, None, [999, 500, 100])
+    assert s.timesteps.tolist() == [999, 500, 100]
+    params = list(inspect.signature(DPMSolverMultistepScheduler.set_timesteps).parameters)
+    assert list(inspect.signature(DPMSolverPPScheduler.set_timesteps).parameters)[: len(params)] == params
+
+
+def test_timesteps_before_set_timesteps_are_diffusers_float32():
+    """Before ``set_timesteps`` ``timesteps`` are float32 999 .. 0 as in diffusers. ``sigmas`` there are
+    each timestep's level (diffusers' DPM-Solver stores them in the opposite order, docs/samplers.md)."""
+    ref, ours = DPMSolverMultistepScheduler(**BETAS["scaled_linear"]), DPMSolverPPScheduler(**BETAS["scaled_linear"])
+    assert ours.timesteps.dtype == ref.timesteps.dtype == torch.float32 and torch.equal(ours.timesteps, ref.timesteps)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas.flip(0))
+    ours.set_timesteps(10)
+    assert ours.timesteps.dtype == torch.int64
+
+
+def test_exponential_sigmas_round_where_diffusers_truncates(one_torch_thread):
+    """``use_exponential_sigmas``: the same noise levels as diffusers; the model is called at the nearest
+    integer time (diffusers: the integer part, up to one step lower than the level the solver uses)."""
+    cfg = dict(use_exponential_sigmas=True, **BETAS["scaled_linear"])
+    ours, ref, exact = DPMSolverPPScheduler(**cfg), DPMSolverMultistepScheduler(**cfg), \
+        DPMSolverPPScheduler(round_timesteps=False, **cfg)
+    for s in (ours, ref, exact):
+        s.set_timesteps(10)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=2e-6, atol=0)
+    t = exact.timesteps.double()
+    assert torch.equal(ours.timesteps, t.round().long())
+    below = t - ref.timesteps.double()
+    assert ((below > -1e-3) & (below < 1 + 1e-3)).all() and not torch.equal(ours.timesteps, ref.timesteps)
+    model = GaussianMixtureModel(MIX, ours.schedule)
+    _, worst = _sample(ours, model, torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), 10, ref=ref)
+    assert worst < 1e-5
