@@ -127,7 +127,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
         return self.config.algorithm_type == "sde-dpmsolver++"
 
     # ---------------------------------------------------------------------- singlestep planning
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None):
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None):
         """See :meth:`FewstepScheduler.set_timesteps`; for ``method="singlestep"``
         ``num_inference_steps`` is the number of model evaluations and the outer grid gets one point
         per interval of the DPM-Solver-fast order schedule."""
@@ -138,7 +138,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
                 int(num_inference_steps), self.config.solver_order, self.config.final_sigmas_type == "zero"
             )
             num_inference_steps = len(self._orders)
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps, sigmas=sigmas)
 
     def _plan(self, grid: Grid, num_inference_steps) -> Grid:
         if self.config.method != "singlestep":

@@ -157,8 +157,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = self.schedule.init_noise_sigma
         self._compatibles = [c.__name__ for c in _fewstep_schedulers() if c.supports_schedule(self.schedule)]
         self._compatibles += list(self.schedule.diffusers_schedulers)
-        # default state before set_timesteps: every training timestep, like diffusers
+        # default state before set_timesteps: every training timestep, float32 like diffusers
         self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
+        self.timesteps = self.timesteps.to(torch.float32)
         self.num_inference_steps = None
         self._step_index = None
         self._begin_index = None
@@ -209,21 +210,22 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
+        mu: float | None = None,
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
-        mu: float | None = None,
     ) -> None:
-        """Set the sampling grid (call before sampling).
+        """Set the sampling grid (call before sampling). The positional order is diffusers'
+        ``DPMSolverMultistepScheduler.set_timesteps`` (``num_inference_steps, device, mu, timesteps``).
 
         Args:
             num_inference_steps: number of model evaluations (steps). Exactly one of this,
                 ``timesteps`` and ``sigmas`` must be given.
             device: where ``timesteps`` live.
+            mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
             timesteps: explicit decreasing model times on the training scale (EDM: ``c_noise``
                 values, as in ``scheduler.timesteps``).
             sigmas: explicit decreasing public sigmas (``sigma/alpha`` for VP, flow sigma for flow
                 matching, ``sigma`` for EDM); a trailing ``0`` is taken as the final point.
-            mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
         """
         given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
@@ -454,7 +456,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = i + 1
         prev = prev.to(model_output.dtype)
         if not return_dict:
-            return (prev, x0)
+            return (prev,)  # as diffusers; x0 is the output object's pred_original_sample
         return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _mean_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
