@@ -416,3 +416,29 @@ def test_exponential_sigmas_round_where_diffusers_truncates(one_torch_thread):
     model = GaussianMixtureModel(MIX, ours.schedule)
     _, worst = _sample(ours, model, torch.randn(4, 64, generator=torch.Generator().manual_seed(0)), 10, ref=ref)
     assert worst < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. singlestep: explicit grids are the evaluation points
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", [2, 3])
+def test_singlestep_set_timesteps_of_its_own_timesteps_is_idempotent(order, one_torch_thread):
+    """``timesteps`` of a singlestep scheduler list every model evaluation, so passing them back
+    (``set_timesteps(timesteps=s.timesteps)``, or ``sigmas=s.sigmas``) gives the same evaluations and
+    the same solver: explicit grids are the evaluation points, grouped into DPM-Solver-fast intervals."""
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for rounded in (False, True):
+        s = DPMSolverPPScheduler(method="singlestep", solver_order=order, round_timesteps=rounded,
+                                 prediction_type="v_prediction", **BETAS["scaled_linear"])
+        model = GaussianMixtureModel(MIX, s.schedule, "v_prediction")
+        s.set_timesteps(8)
+        ts, sig = s.timesteps.clone(), s.sigmas.clone()
+        first, _ = _sample(s, model, z, 8)
+        for explicit in ({"timesteps": ts.tolist()}, {"sigmas": sig.tolist()}):
+            s.set_timesteps(**explicit)
+            assert torch.equal(s.timesteps, ts) and len(s.timesteps) == 8
+            x = z
+            for t in s.timesteps:
+                x = s.step(model(x, t, None), t, x).prev_sample
+            # rounded model times: the levels are re-read at the integer times (as for any explicit grid)
+            torch.testing.assert_close(x, first, rtol=0, atol=3e-3 if rounded else 1e-6)
