@@ -436,7 +436,8 @@ def test_singlestep_set_timesteps_of_its_own_timesteps_is_idempotent(order, one_
         first, _ = _sample(s, model, z, 8)
         for explicit in ({"timesteps": ts.tolist()}, {"sigmas": sig.tolist()}):
             s.set_timesteps(**explicit)
-            assert torch.equal(s.timesteps, ts) and len(s.timesteps) == 8
+            assert len(s.timesteps) == 8  # public sigmas are float32: the times they give back match to rounding
+            torch.testing.assert_close(s.timesteps, ts, rtol=1e-6, atol=0)
             x = z
             for t in s.timesteps:
                 x = s.step(model(x, t, None), t, x).prev_sample

@@ -144,14 +144,15 @@ class DPMSolverPPScheduler(FewstepScheduler):
         if self.config.method != "singlestep":
             return grid
         k = len(grid.timesteps)
+        if self._orders is None:
+            # explicit timesteps/sigmas list every evaluation (as this scheduler's own timesteps do), so
+            # set_timesteps(timesteps=s.timesteps) is idempotent: group them into DPM-Solver-fast intervals
+            self._set_plan(singlestep_orders(k, self.config.solver_order, grid.sigmas[-1] == 0))
+            return grid
         orders = self._orders
-        if orders is None:  # explicit outer grid: full order everywhere, first order into sigma = 0
-            orders = [self.config.solver_order] * k
-            if grid.sigmas[-1] == 0:
-                orders[-1] = 1
         lam = grid.lambdas
         sched = self.schedule
-        t_out, a_out, s_out, plan = [], [], [], []
+        t_out, a_out, s_out = [], [], []
         for j in range(k):
             ratios = {1: [0.0], 2: [0.0, 0.5], 3: [0.0, 1.0 / 3.0, 2.0 / 3.0]}[orders[j]]
             for stage, r in enumerate(ratios):
@@ -164,18 +165,19 @@ class DPMSolverPPScheduler(FewstepScheduler):
                     a_out.append(float(sched.alpha(t_r)))
                     s_out.append(float(sched.sigma(t_r)))
                     t_out.append(round(t_r) if self._rounds_timesteps else t_r)
-                plan.append((j, stage, orders[j]))
-        self._plan_steps = plan
-        self._outer_end = {}  # interval -> index of the grid point that ends it
-        idx = 0
-        for j in range(k):
-            idx += orders[j]
-            self._outer_end[j] = idx
+        self._set_plan(orders)
         return Grid(
             timesteps=np.asarray(t_out, dtype=np.float64),
             alphas=np.append(np.asarray(a_out), grid.alphas[-1]),
             sigmas=np.append(np.asarray(s_out), grid.sigmas[-1]),
         )
+
+    def _set_plan(self, orders: list[int]) -> None:
+        """Evaluation ``i`` is stage ``stage`` of interval ``j`` of order ``orders[j]``; interval ``j``
+        ends at grid point ``_outer_end[j]``."""
+        self._plan_steps = [(j, stage, order) for j, order in enumerate(orders) for stage in range(order)]
+        ends = np.cumsum(orders)
+        self._outer_end = {j: int(ends[j]) for j in range(len(orders))}
 
     # ---------------------------------------------------------------------- updates
     def _update(self, i, x, x0, noise):
