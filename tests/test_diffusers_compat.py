@@ -443,3 +443,58 @@ def test_singlestep_set_timesteps_of_its_own_timesteps_is_idempotent(order, one_
                 x = s.step(model(x, t, None), t, x).prev_sample
             # rounded model times: the levels are re-read at the integer times (as for any explicit grid)
             torch.testing.assert_close(x, first, rtol=0, atol=3e-3 if rounded else 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# values that gave silent wrong results or raw tracebacks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lambda_min_clipped=100.0), "lambda_min_clipped"),  # clipped every timestep: NFE 0, noise returned
+    (dict(lambda_min_clipped=float("nan")), "lambda_min_clipped"),
+    (dict(thresholding=True, sample_max_value=-1.0), "sample_max_value"),  # every output was 1.0
+    (dict(thresholding=True, sample_max_value=0.5), "sample_max_value"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
+    (dict(karras_rho=float("nan")), "karras_rho"),
+    (dict(karras_rho=float("inf")), "karras_rho"),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=float("nan")), "flow_shift"),
+    (dict(beta_end=2.0), "beta_end"),
+    (dict(beta_start=0.0), "beta_start"),
+    (dict(beta_schedule="scaled_linear", beta_end=float("nan")), "beta_end"),
+])
+@pytest.mark.parametrize("cls", [DPMSolverPPScheduler, DPMSolverV3Scheduler], ids=lambda c: c.__name__)
+def test_impossible_values_are_refused_by_name(cls, kwargs, name):
+    value = next(iter(v for k, v in kwargs.items() if k == name))
+    with pytest.raises(ValueError, match=name) as err:
+        _quiet(cls, **kwargs)
+    assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+def test_lambda_min_clipped_error_states_the_allowed_range():
+    with pytest.raises(ValueError, match=r"lambda_min_clipped=100.*at most 4\\.6") as err:
+        DPMSolverPPScheduler(lambda_min_clipped=100.0)
+    assert "-5.1" in str(err.value)  # the value diffusers recommends for cosine schedules
+    DPMSolverPPScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1).set_timesteps(10)  # still fine
+
+
+def test_unavailable_device_is_refused_by_name():
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    s = DPMSolverPPScheduler()
+    with pytest.raises(ValueError, match=f"device='{device}'"):
+        s.set_timesteps(10, device=device)
+
+
+def test_misspelt_keyword_warns_with_the_closest_valid_one():
+    """diffusers ignores config keys a scheduler does not know (other schedulers' keys), and so does
+    fewstep; an explicit keyword that no scheduler knows is a typo and is named, with a suggestion."""
+    cfg = shipped_config("sd15")
+    with pytest.warns(UserWarning, match=r"solver_ordr=3.*solver_order"):
+        s = DPMSolverPPScheduler.from_config(cfg, solver_ordr=3)
+    assert s.config.solver_order == 2
+    with pytest.warns(UserWarning, match=r"use_karas_sigmas.*use_karras_sigmas"):
+        _quiet_v3 = DPMSolverV3Scheduler.from_config  # noqa: N806
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="DPMSolverV3Scheduler got no EMS")
+            _quiet_v3(cfg, use_karas_sigmas=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keys of other schedulers and loader keywords stay silent
+        DPMSolverPPScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False, subfolder=None)
