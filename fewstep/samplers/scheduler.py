@@ -16,8 +16,11 @@ checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited f
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +65,42 @@ def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0)
     flat = x0.float().reshape(x0.shape[0], -1)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+
+#: keywords diffusers' loaders pass on to ``from_config`` (``from_pretrained``, ``load_config``)
+LOADER_KEYWORDS = frozenset({
+    "cache_dir", "local_dir", "local_dir_use_symlinks", "force_download", "resume_download", "proxies", "token",
+    "use_auth_token", "local_files_only", "revision", "subfolder", "user_agent", "mirror", "variant", "torch_dtype",
+    "output_loading_info", "return_commit_hash", "dduf_entries", "low_cpu_mem_usage", "use_safetensors",
+})
+
+
+@functools.lru_cache(maxsize=1)
+def _scheduler_keywords() -> frozenset:
+    """Every keyword some scheduler takes: diffusers' scheduler classes and fewstep's."""
+    import diffusers
+
+    names: set[str] = set(LOADER_KEYWORDS)
+    classes = [getattr(diffusers, n, None) for n in dir(diffusers) if n.endswith("Scheduler")]
+    for c in classes + _fewstep_schedulers():
+        try:
+            names.update(inspect.signature(c.__init__).parameters)
+        except (TypeError, ValueError, ImportError):  # dummy objects of missing optional backends
+            continue
+    return frozenset(names)
+
+
+def _warn_unknown_keywords(cls, kwargs: dict) -> None:
+    """Warn about explicit ``from_config`` keywords that no scheduler takes (a typo: diffusers would drop
+    them silently, as it drops other schedulers' config keys), naming the closest keyword of ``cls``."""
+    own = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key, value in kwargs.items():
+        if key in own or key.startswith("_") or key in _scheduler_keywords():
+            continue
+        close = difflib.get_close_matches(key, own, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; {cls.__name__} takes: {', '.join(sorted(own))}"
+        warnings.warn(f"{cls.__name__}.from_config got {key}={value!r}, which no scheduler takes (ignored){hint}",
+                      UserWarning, stacklevel=3)
 
 
 def _fewstep_schedulers() -> list[type]:
@@ -134,6 +173,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(cfg.get("shift", 1.0)))
+        _warn_unknown_keywords(cls, kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _setup(self) -> None:
@@ -230,6 +270,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`")
+        if device is not None:
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError, TypeError, ValueError) as err:
+                raise ValueError(f"device={str(device)!r} is not available here ({err})") from None
         if mu is not None:
             self.schedule.set_dynamic_shift(mu)
         c = self.config

@@ -199,8 +199,9 @@ def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
     kind = schedule_kind_of_config(cfg)
     if kind == FlowMatchingSchedule.KIND:
         # fewstep/diffusers-DPM configs say `flow_shift`; FlowMatch configs say `shift`
-        shift = cfg.get("shift") if is_flow_matching_config(cfg) else cfg.get("flow_shift")
-        return FlowMatchingSchedule(num_train_timesteps=n, shift=float(shift or 1.0))
+        name = "shift" if is_flow_matching_config(cfg) else "flow_shift"
+        shift = cfg.get(name)
+        return FlowMatchingSchedule(num_train_timesteps=n, shift=1.0 if shift is None else shift, shift_name=name)
     if kind == EDMSchedule.KIND:
         return EDMSchedule(
             num_train_timesteps=n,
