@@ -498,3 +498,23 @@ def test_misspelt_keyword_warns_with_the_closest_valid_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # keys of other schedulers and loader keywords stay silent
         DPMSolverPPScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False, subfolder=None)
+
+
+def test_every_ddpm_variance_type_loads():
+    """DDPM configs carry ``variance_type`` values DPM-Solver does not use (diffusers ignores all but
+    the learned ones); fewstep loads them too and strips only learned variance channels."""
+    from diffusers import DDPMScheduler
+
+    for vt in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"):
+        s = DPMSolverPPScheduler.from_config(DDPMScheduler(variance_type=vt).config)
+        assert s.config.variance_type == DPMSolverMultistepScheduler.from_config(
+            DDPMScheduler(variance_type=vt).config).config.variance_type == vt
+
+
+def test_a_linear_time_shift_is_refused_not_applied_as_exponential():
+    """Dynamic shifting with ``mu``: diffusers' DPM-Solver supports ``time_shift_type="exponential"``
+    (``shift = exp(mu)``) only; fewstep used to apply it to a ``"linear"`` config silently."""
+    cfg = dict(shipped_config("flux_dev"), time_shift_type="linear")
+    s = DPMSolverPPScheduler.from_config(cfg)
+    with pytest.raises(ValueError, match="time_shift_type='linear'"):
+        s.set_timesteps(8, mu=0.8)
