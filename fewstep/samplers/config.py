@@ -72,7 +72,8 @@ OPTIONAL_CONFIG: dict[str, Any] = {
     "euler_at_final": False,
 }
 
-VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log")
+# DDPMScheduler's variance types; DPM-Solver uses none of them, it only strips learned variance channels
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 #: values other diffusers schedulers write that DPM-Solver++ reads as its own, as diffusers'
 #: ``DPMSolverMultistepScheduler.__init__`` maps them when a pipeline switches schedulers: UniPC's
@@ -117,8 +118,7 @@ def check_config(c: Mapping[str, Any]) -> None:
     if sum(bool(f) for f in flags) > 1:
         raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive")
     check_choice("timestep_spacing", c["timestep_spacing"], GRID_KINDS)
-    if c["variance_type"] not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type={c['variance_type']!r} is not supported")
+    check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
     kind = config_value(c, "schedule_kind")
     check_choice("schedule_kind", kind, (None,) + SCHEDULE_KINDS)
     if config_value(c, "sigma_schedule") is not None:

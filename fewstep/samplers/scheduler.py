@@ -275,9 +275,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 torch.empty(0, device=device)
             except (RuntimeError, AssertionError, TypeError, ValueError) as err:
                 raise ValueError(f"device={str(device)!r} is not available here ({err})") from None
-        if mu is not None:
-            self.schedule.set_dynamic_shift(mu)
         c = self.config
+        if mu is not None:
+            if c["time_shift_type"] != "exponential":
+                raise ValueError(f"time_shift_type={c['time_shift_type']!r} is not supported with `mu`; allowed: "
+                                 "'exponential' (shift = exp(mu), as diffusers' DPM-Solver)")
+            self.schedule.set_dynamic_shift(mu)
         explicit = {"sigmas": sigmas} if sigmas is not None else {}
         if timesteps is not None:  # model times (EDM: c_noise values)
             explicit = self.schedule.grid_request(timesteps)
