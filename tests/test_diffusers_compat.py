@@ -518,3 +518,17 @@ def test_a_linear_time_shift_is_refused_not_applied_as_exponential():
     s = DPMSolverPPScheduler.from_config(cfg)
     with pytest.raises(ValueError, match="time_shift_type='linear'"):
         s.set_timesteps(8, mu=0.8)
+
+
+def test_mu_is_ignored_without_dynamic_shifting_as_flowmatch_does():
+    """The Flux pipeline passes ``mu`` (from the image size) with every config; FLUX.1-schnell's says
+    ``use_dynamic_shifting=false`` and FlowMatchEuler then keeps its static ``shift``. fewstep used to
+    apply ``exp(mu)`` anyway (diffusers' DPM-Solver fails an assert)."""
+    s = DPMSolverPPScheduler.from_config(shipped_config("flux_schnell"))
+    s.set_timesteps(8)
+    static = s.sigmas.clone()
+    s.set_timesteps(8, mu=1.1)
+    torch.testing.assert_close(s.sigmas, static, rtol=0, atol=0)
+    dynamic = DPMSolverPPScheduler.from_config(shipped_config("flux_dev"))
+    dynamic.set_timesteps(8, mu=1.1)
+    assert dynamic.schedule.shift == pytest.approx(3.0041660239464334)  # exp(1.1)
