@@ -261,7 +261,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps: number of model evaluations (steps). Exactly one of this,
                 ``timesteps`` and ``sigmas`` must be given.
             device: where ``timesteps`` live.
-            mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
+            mu: dynamic shift of flow models with ``use_dynamic_shifting`` (``flow_shift = exp(mu)``, as
+                diffusers); ignored without it, as FlowMatch schedulers ignore it.
             timesteps: explicit decreasing model times on the training scale (EDM: ``c_noise``
                 values, as in ``scheduler.timesteps``).
             sigmas: explicit decreasing public sigmas (``sigma/alpha`` for VP, flow sigma for flow
@@ -276,7 +277,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             except (RuntimeError, AssertionError, TypeError, ValueError) as err:
                 raise ValueError(f"device={str(device)!r} is not available here ({err})") from None
         c = self.config
-        if mu is not None:
+        # a flow config without dynamic shifting ignores mu, as FlowMatch schedulers do (Flux passes it always);
+        # other schedule kinds refuse it
+        if mu is not None and (c["use_dynamic_shifting"] or not self.schedule.dynamic_shift):
             if c["time_shift_type"] != "exponential":
                 raise ValueError(f"time_shift_type={c['time_shift_type']!r} is not supported with `mu`; allowed: "
                                  "'exponential' (shift = exp(mu), as diffusers' DPM-Solver)")

@@ -71,6 +71,8 @@ class NoiseSchedule(metaclass=_KindDispatch):
     spacings: tuple[str, ...] = ()
     #: initial noise scale of ``x_T`` (``scheduler.init_noise_sigma``)
     init_noise_sigma = 1.0
+    #: the kind takes diffusers' dynamic shifting ``mu`` (:meth:`set_dynamic_shift`)
+    dynamic_shift = False
     #: diffusers scheduler classes that read a scheduler config of this kind as the same model
     #: (``scheduler.compatibles``; a class missing a keyword of the kind would change the model)
     diffusers_schedulers: tuple[str, ...] = ()

@@ -129,6 +129,7 @@ class FlowMatchingSchedule(NoiseSchedule):
 
     KIND = "flow"
     FIELDS = ("num_train_timesteps", "shift")
+    dynamic_shift = True
     # the diffusers solvers with use_flow_sigmas/flow_shift; FlowMatch schedulers read `shift`, which a
     # DPM-style config does not carry, so they would sample with shift 1
     diffusers_schedulers = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
