@@ -42,10 +42,6 @@ from ..schedule import (
 )
 from .config import check_config, config_value, karras_rho, switched_values
 
-#: the config keys that define a discrete schedule's training tables (diffusers' beta keywords)
-BETA_KEYWORDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "rescale_betas_zero_snr")
-
 
 @dataclass
 class FewstepSchedulerOutput(BaseOutput):
@@ -212,7 +208,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         to diffusers'. None on flow-matching and EDM schedules, which have no betas."""
         tables = dict.fromkeys(("betas", "alphas", "alphas_cumprod", "alpha_t", "sigma_t", "lambda_t"))
         if self.schedule.alphas_cumprod is not None:
-            tables.update(training_tables(**{k: self.config[k] for k in BETA_KEYWORDS}))
+            tables.update(training_tables(self.config))
             ac = tables["alphas_cumprod"]
             tables["alpha_t"], tables["sigma_t"] = torch.sqrt(ac), torch.sqrt(1 - ac)
             tables["lambda_t"] = torch.log(tables["alpha_t"]) - torch.log(tables["sigma_t"])

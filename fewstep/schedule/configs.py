@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -96,18 +96,20 @@ def _check_beta(name: str, value) -> float:
     return v
 
 
-def training_tables(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-    trained_betas: Sequence[float] | None = None,
-    rescale_betas_zero_snr: bool = False,
-) -> dict[str, torch.Tensor]:
+#: diffusers' beta keywords (they define a discrete schedule's training tables) and their defaults
+BETA_DEFAULTS: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                                 "beta_schedule": "linear", "trained_betas": None, "rescale_betas_zero_snr": False}
+
+
+def training_tables(config: Mapping[str, Any] | None = None, **kwargs) -> dict[str, torch.Tensor]:
     """diffusers' float32 training tables ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod``
-    for the beta keywords, computed exactly as diffusers' DDPM-family schedulers do (bit-identical).
-    With ``rescale_betas_zero_snr`` the last ``alphas_cumprod`` is set to ``2**-24`` (diffusers PR
-    #7097) so that ``sigma/alpha`` stays finite. Bad values raise a ``ValueError`` naming the keyword."""
+    for the beta keywords (:data:`BETA_DEFAULTS`, read from ``config`` and then ``kwargs``; other keys
+    are ignored), computed exactly as diffusers' DDPM-family schedulers do (bit-identical). With
+    ``rescale_betas_zero_snr`` the last ``alphas_cumprod`` is set to ``2**-24`` (diffusers PR #7097)
+    so that ``sigma/alpha`` stays finite. Bad values raise a ``ValueError`` naming the keyword."""
+    c = {k: v for k, v in {**(config or {}), **kwargs}.items() if k in BETA_DEFAULTS}
+    num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr = (
+        c.get(k, default) for k, default in BETA_DEFAULTS.items())
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) \
             or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
@@ -150,22 +152,17 @@ def _monotone_terminal(ac: np.ndarray) -> np.ndarray:
     return out
 
 
-def alphas_cumprod_from_config(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-    trained_betas: Sequence[float] | None = None,
-    rescale_betas_zero_snr: bool = False,
-) -> np.ndarray:
+def alphas_cumprod_from_config(config: Mapping[str, Any] | None = None, **kwargs) -> np.ndarray:
     """Cumulative product of ``1 - beta`` (``alpha_bar``, length ``num_train_timesteps``) for the
-    diffusers beta keywords, as float64: diffusers' float32 table (:func:`training_tables`), so fewstep
-    and diffusers schedulers see bit-identical training schedules. One exception keeps the schedule
-    monotone: with ``rescale_betas_zero_snr`` the entries diffusers' float32 rounding puts below the
-    forced terminal ``2**-24`` (linear betas: t = 996-998) are interpolated in half log-SNR."""
-    ac = training_tables(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)["alphas_cumprod"].double().numpy()
-    return _monotone_terminal(ac) if rescale_betas_zero_snr else ac
+    diffusers beta keywords (as :func:`training_tables` takes them), as float64: diffusers' float32
+    table, so fewstep and diffusers schedulers see bit-identical training schedules. One exception
+    keeps the schedule monotone: with ``rescale_betas_zero_snr`` the entries diffusers' float32
+    rounding puts below the forced terminal ``2**-24`` (linear betas: t = 996-998) are interpolated
+    in half log-SNR."""
+    tables = training_tables(config, **kwargs)
+    ac = tables["alphas_cumprod"].double().numpy()
+    zero_snr = {**(config or {}), **kwargs}.get("rescale_betas_zero_snr", False)
+    return _monotone_terminal(ac) if zero_snr else ac
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,14 +207,7 @@ def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
             sigma_data=0.5 if cfg.get("sigma_data") is None else cfg["sigma_data"],
         )
     check_choice("schedule_kind", kind, (DiscreteVPSchedule.KIND, FlowMatchingSchedule.KIND, EDMSchedule.KIND))
-    ac = alphas_cumprod_from_config(
-        num_train_timesteps=n,
-        beta_start=float(cfg.get("beta_start", 0.0001)),
-        beta_end=float(cfg.get("beta_end", 0.02)),
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        trained_betas=cfg.get("trained_betas"),
-        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-    )
+    ac = alphas_cumprod_from_config(dict(cfg, num_train_timesteps=n))
     lmc = cfg.get("lambda_min_clipped", -math.inf)
     return DiscreteVPSchedule(alphas_cumprod=ac, lambda_min_clipped=float(lmc))
 
