@@ -5,7 +5,10 @@ point ``i`` to ``i + 1`` given the data prediction ``x0`` at point ``i`` and wha
 keeps) and, optionally, :meth:`FewstepScheduler._plan` (to insert intermediate evaluation points,
 as singlestep solvers do) and :meth:`FewstepScheduler._reset_history`.
 
-What lives here: config handling for SD / SDXL / SD3 / FlowMatch / EDM configs, step grids
+What lives here: config handling for SD / SDXL / SD3 / FlowMatch / UniPC / DEIS / EDM configs
+(values mapped as diffusers maps them, misspelt keywords named), diffusers' public state (training
+tables, ``model_outputs``, ``lower_order_nums``, ``convert_model_output``, ``compatibles`` by
+schedule kind), step grids
 (``set_timesteps`` with ``timesteps=`` or ``sigmas=``), ``step_index``/``begin_index``
 bookkeeping for img2img and inpainting, ``scale_model_input``, ``add_noise``,
 ``init_noise_sigma``, the EDM preconditioning of model inputs and times (Karras et al. 2022,
