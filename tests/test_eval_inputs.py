@@ -1,0 +1,203 @@
+"""Evaluation inputs that used to give silent wrong answers or raw tracebacks (issue 11): image
+modes (16-bit, palette, alpha, CMYK, ...), non-finite float images, empty sources, bad statistics
+files, corrupt weights and checkpoints, label files."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_eval_common import tiny_trunk_file, write_images
+
+from fewstep.eval.features import extract_features
+from fewstep.eval.images import BadImagesError, FileImageSource, TensorImageSource, pil_to_rgb_tensor
+from fewstep.eval.inception import InceptionFeatures
+
+
+# ------------------------------------------------------------------------------------------------
+# image modes
+# ------------------------------------------------------------------------------------------------
+def _png(width: int, height: int, color_type: int, bit_depth: int, rows: np.ndarray) -> bytes:
+    """A PNG written by hand (PIL cannot write 16-bit RGB): ``rows`` (H, W*channels) big-endian."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _rgb(arr_hw3: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr_hw3)).permute(2, 0, 1)
+
+
+def _grey(arr_hw: np.ndarray) -> torch.Tensor:
+    return _rgb(np.repeat(arr_hw[..., None], 3, axis=2))
+
+
+def _over_white(c: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Straight alpha composited on white, computed in float64."""
+    a = a.astype(np.float64)[..., None] / 255 if c.ndim == 3 else a.astype(np.float64) / 255
+    return np.round(c * a + 255 * (1 - a)).astype(np.uint8)
+
+
+def _write_same_content(folder: Path, grey: np.ndarray, rgb: np.ndarray, sixteen: bool) -> None:
+    """Two images of fixed content, as 8-bit or as 16-bit files (value v -> 257 v, exact)."""
+    folder.mkdir()
+    h, w = grey.shape
+    if sixteen:
+        Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "a.png")  # I;16
+        rows = (rgb.astype(">u2") * 257).reshape(h, w * 3)
+        (folder / "b.png").write_bytes(_png(w, h, 2, 16, rows))  # 16-bit RGB
+    else:
+        Image.fromarray(grey).save(folder / "a.png")
+        Image.fromarray(rgb).save(folder / "b.png")
+
+
+def test_16bit_images_read_as_their_8bit_content(tmp_path):
+    """A 16-bit grey PNG was clipped by convert("RGB") to a saturated image (FID 189 against the same
+    images in 8 bit); identical content in 8 and 16 bit must read the same and give FID 0."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    _write_same_content(tmp_path / "eight", grey, rgb, sixteen=False)
+    _write_same_content(tmp_path / "sixteen", grey, rgb, sixteen=True)
+    s8, s16 = FileImageSource(tmp_path / "eight"), FileImageSource(tmp_path / "sixteen")
+    for i in range(2):
+        torch.testing.assert_close(s16.load(i), s8.load(i), rtol=0, atol=0)
+    torch.testing.assert_close(s8.load(0), _grey(grey), rtol=0, atol=0)
+
+    # FID ~ 0 between the two folders (duplicated so that there are 2+ images per side)
+    for name in ("eight", "sixteen"):
+        for p in list((tmp_path / name).iterdir()):
+            (tmp_path / name / f"copy_{p.name}").write_bytes(p.read_bytes())
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    r8 = extract_features(FileImageSource(tmp_path / "eight"), ext, progress=False)
+    r16 = extract_features(FileImageSource(tmp_path / "sixteen"), ext, progress=False)
+    assert abs(r8.stats.frechet_distance(r16.stats)) < 1e-9
+
+
+def test_16bit_grey_scales_by_65535_to_255_in_every_container(tmp_path):
+    v = np.array([[0, 128, 129, 385, 32767, 32768, 65534, 65535]], dtype=np.uint16)
+    expected = _grey(np.round(v / 257.0).astype(np.uint8))
+    files = {"le.tif": Image.fromarray(v), "be.tif": Image.fromarray(v.astype(">u2")), "png.png": Image.fromarray(v)}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    # 16-bit PGM (PIL mode "I", values scaled to 0..65535)
+    (tmp_path / "pgm.pgm").write_bytes(b"P5\n8 1\n65535\n" + v.astype(">u2").tobytes())
+    src = FileImageSource(tmp_path)
+    assert src.names == ["be.tif", "le.tif", "pgm.pgm", "png.png"]
+    modes = []
+    for i in range(len(src)):
+        with Image.open(tmp_path / src.names[i]) as im:
+            modes.append(im.mode)
+        torch.testing.assert_close(src.load(i), expected, rtol=0, atol=0, msg=src.names[i])
+    assert set(modes) >= {"I;16", "I;16B", "I"}
+
+
+def _alpha_cases():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    return rgb, grey, alpha
+
+
+def test_alpha_is_composited_on_white_as_a_viewer_shows_it(tmp_path):
+    """Transparent pixels were read as whatever colour they hide (alpha dropped); now RGBA, LA and
+    palette transparency are composited on white, and an opaque alpha changes nothing."""
+    rgb, grey, alpha = _alpha_cases()
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)])).save(tmp_path / "opaque.png")
+    src = FileImageSource(tmp_path)
+    assert src.names == ["la.png", "opaque.png", "rgba.png"]
+    torch.testing.assert_close(src.load(2), _rgb(_over_white(rgb, alpha)), rtol=0, atol=0)
+    torch.testing.assert_close(src.load(0), _grey(_over_white(grey, alpha)), rtol=0, atol=0)
+    torch.testing.assert_close(src.load(1), _rgb(rgb), rtol=0, atol=0)
+    assert src.load(2)[:, 0, 0].tolist() == [255, 255, 255]  # fully transparent: white
+
+    # the same pixels in memory are read the same way
+    t = torch.from_numpy(np.dstack([rgb, alpha])).permute(2, 0, 1)[None]
+    torch.testing.assert_close(TensorImageSource(t).load(0), src.load(2), rtol=0, atol=0)
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    rng = np.random.default_rng(2)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    idx = rng.integers(0, 8, (5, 9), dtype=np.uint8)
+    im = Image.fromarray(idx, "P")
+    im.putpalette(palette.tobytes())
+    im.save(tmp_path / "p.png")
+    im.save(tmp_path / "p_transparent.png", transparency=3)
+    src = FileImageSource(tmp_path)
+    torch.testing.assert_close(src.load(0), _rgb(palette[idx]), rtol=0, atol=0)
+    expected = palette[idx].copy()
+    expected[idx == 3] = 255
+    assert (idx == 3).any()
+    torch.testing.assert_close(src.load(1), _rgb(expected), rtol=0, atol=0)
+
+
+def test_other_modes_read_as_seen():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, (4, 5)).astype(bool)
+    assert pil_to_rgb_tensor(Image.fromarray(bits)).tolist() == _grey(bits.astype(np.uint8) * 255).tolist()
+    cmyk = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    c, k = cmyk[..., :3].astype(float), cmyk[..., 3:].astype(float)
+    expected = np.round((255 - c) * (255 - k) / 255)  # PIL's CMYK -> RGB (no colour management)
+    got = pil_to_rgb_tensor(Image.fromarray(cmyk, "CMYK")).permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(float) - expected).max() <= 1
+    rgb = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    for mode in ("YCbCr", "HSV", "LAB"):
+        im = Image.fromarray(rgb, "RGB").convert(mode)
+        torch.testing.assert_close(pil_to_rgb_tensor(im), _rgb(np.asarray(im.convert("RGB"))), rtol=0, atol=0)
+    # premultiplied alpha: composite c_premultiplied + (255 - a)
+    a = rng.integers(0, 256, (4, 5), dtype=np.uint8)
+    prem = (rgb.astype(np.uint16) * a[..., None] // 255).astype(np.uint8)
+    got = pil_to_rgb_tensor(Image.frombytes("RGBa", (5, 4), np.dstack([prem, a]).tobytes()))
+    assert np.abs(got.permute(1, 2, 0).numpy().astype(int) - (prem.astype(int) + 255 - a[..., None])).max() == 0
+
+
+def test_ambiguous_modes_are_refused_by_name_before_any_feature_work(tmp_path):
+    """Float images and 32-bit integer TIFFs have no known white level: refused, by file name and
+    mode, in the check before the feature pass (skippable like any bad file)."""
+    write_images(tmp_path / "imgs", 3, seed=0)
+    Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)).save(tmp_path / "imgs" / "float.tif")
+    Image.fromarray(np.arange(12, dtype=np.int32).reshape(3, 4) * 1000).save(tmp_path / "imgs" / "int32.tif")
+    src = FileImageSource(tmp_path / "imgs")
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    calls = []
+    real = ext.embed
+    ext.embed = lambda x: calls.append(1) or real(x)
+    with pytest.raises(BadImagesError) as info:
+        extract_features(src, ext, progress=False)
+    assert calls == []
+    msg = str(info.value)
+    assert "float.tif" in msg and "mode F" in msg and "int32.tif" in msg and "mode I" in msg
+    with pytest.warns(UserWarning, match="skipped 2"):
+        assert extract_features(src, ext, progress=False, skip_bad=True).stats.n == 3
+    with pytest.raises(ValueError, match="mode F"):
+        with Image.open(tmp_path / "imgs" / "float.tif") as im:
+            pil_to_rgb_tensor(im)
+
+
+def test_digits_and_clip_inputs_composite_alpha_too():
+    from fewstep.eval.fd_digits import digits_prepare
+    from fewstep.eval.preprocess import to_rgb
+
+    rgb, grey, alpha = _alpha_cases()
+    t = torch.from_numpy(np.dstack([rgb, alpha])).permute(2, 0, 1)[None]
+    expected = _rgb(_over_white(rgb, alpha))[None]
+    torch.testing.assert_close(to_rgb(t), expected, rtol=0, atol=0)
+    la = torch.from_numpy(np.dstack([grey, alpha])).permute(2, 0, 1)[None]
+    torch.testing.assert_close(to_rgb(la), _grey(_over_white(grey, alpha))[None], rtol=0, atol=0)
+    big = t.repeat_interleave(8, -1).repeat_interleave(8, -2)
+    torch.testing.assert_close(digits_prepare(big), digits_prepare(expected.repeat_interleave(8, -1)
+                                                                   .repeat_interleave(8, -2)))
