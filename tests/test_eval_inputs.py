@@ -145,6 +145,24 @@ def test_palette_with_and_without_transparency(tmp_path):
     torch.testing.assert_close(src.load(1), _rgb(expected), rtol=0, atol=0)
 
 
+def test_colour_key_transparency_of_grey_and_rgb_pngs(tmp_path):
+    """PNG tRNS on an L, RGB or 16-bit grey image marks one value transparent: white, as shown."""
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 4, (5, 6, 3), dtype=np.uint8) * 60
+    grey = rng.integers(0, 4, (5, 6), dtype=np.uint8) * 60
+    key = tuple(int(v) for v in rgb[1, 1])
+    Image.fromarray(rgb).save(tmp_path / "a_rgb.png", transparency=key)
+    Image.fromarray(grey).save(tmp_path / "b_grey.png", transparency=int(grey[2, 2]))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "c_grey16.png", transparency=int(grey[2, 2]) * 257)
+    src = FileImageSource(tmp_path)
+    expected = rgb.copy()
+    expected[(rgb == np.array(key)).all(-1)] = 255
+    torch.testing.assert_close(src.load(0), _rgb(expected), rtol=0, atol=0)
+    g = np.where(grey == grey[2, 2], 255, grey).astype(np.uint8)
+    torch.testing.assert_close(src.load(1), _grey(g), rtol=0, atol=0)
+    torch.testing.assert_close(src.load(2), _grey(g), rtol=0, atol=0)
+
+
 def test_other_modes_read_as_seen():
     rng = np.random.default_rng(3)
     bits = rng.integers(0, 2, (4, 5)).astype(bool)
