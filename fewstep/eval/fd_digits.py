@@ -3,10 +3,11 @@
 :func:`fewstep.eval.frechet.frechet_distance` between the classifier's 128-d penultimate features
 (``classifier.features(x)``) of generated digits and of the 360 held-out test digits
 (``load_digits_split("test")``); with intended labels, also the classifier's accuracy (argmax of
-the logits). Images (:func:`digits_prepare`): uint8 (or float in [0, 1], rounded), averaged to
-grey, area-averaged to 8x8, mapped to [-1, 1] by ``x / 127.5 - 1``. :class:`DigitsFeatures` runs
-the same through the sharded :func:`fewstep.eval.features.extract_features`, and
-:func:`fd_digits_from_stats` finishes it. Guide: docs/evaluation.md, "FD-digits".
+the logits). Images (:func:`digits_prepare`): uint8 (or float in [0, 1], rounded), alpha
+composited on white, averaged to grey, area-averaged to 8x8, mapped to [-1, 1] by
+``x / 127.5 - 1``. :class:`DigitsFeatures` runs the same through the sharded
+:func:`fewstep.eval.features.extract_features`, and :func:`fd_digits_from_stats` finishes it.
+Guide: docs/evaluation.md, "FD-digits".
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .frechet import FeatureStats, check_sample_size
-from .preprocess import to_uint8
+from .preprocess import to_rgb, to_uint8
 
 __all__ = [
     "digits_prepare",
@@ -39,11 +40,11 @@ def digits_prepare(images: torch.Tensor) -> torch.Tensor:
     A single (C, H, W) image gives (1, 8, 8)."""
     single = images.ndim == 3
     x = to_uint8(images.unsqueeze(0) if single else images)
-    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-        raise ValueError(f"images must be (B, C, H, W) with C in (1, 3, 4), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise ValueError(f"images must be (B, C, H, W) with C in (1, 2, 3, 4), got {tuple(x.shape)}")
     if x.shape[-1] < DIGITS_SIZE or x.shape[-2] < DIGITS_SIZE:
         raise ValueError(f"digit images must be at least 8x8, got {tuple(x.shape[-2:])}")
-    x = x[:, :3].float().mean(1, keepdim=True)
+    x = to_rgb(x).float().mean(1, keepdim=True)  # alpha composited on white, as files are read
     x = F.adaptive_avg_pool2d(x, DIGITS_SIZE)
     x = x / 127.5 - 1.0
     return x[0] if single else x

@@ -68,9 +68,9 @@ class InceptionFeatures(nn.Module):
     ``num_features`` is read from the trunk's output.
 
     ``forward(images)`` takes (B, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised by
-    rounding), C in {1, 3, 4}, any H x W, and returns float32 (B, 2048). ``preprocess`` is
-    ``"tf"`` (TF1 bilinear to 299: torch-fidelity, NVlabs, TTUR; the default) or ``"clean"``
-    (clean-fid's PIL bicubic). It can be passed as ``feature=`` to torchmetrics'
+    rounding), C in {1, 2, 3, 4} (alpha composited on white), any H x W, and returns float32
+    (B, 2048). ``preprocess`` is ``"tf"`` (TF1 bilinear to 299: torch-fidelity, NVlabs, TTUR; the
+    default) or ``"clean"`` (clean-fid's PIL bicubic). It can be passed as ``feature=`` to torchmetrics'
     ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` (it defines ``num_features``).
 
     For data loaders, :meth:`prepare_fn` gives the picklable per-image preprocessing and

@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["PREPROCESS_MODES", "to_uint8", "to_rgb", "resize_tf_bilinear", "resize_pil_bicubic", "inception_preprocess"]
+__all__ = [
+    "PREPROCESS_MODES", "to_uint8", "to_rgb", "composite_on_white", "resize_tf_bilinear", "resize_pil_bicubic",
+    "inception_preprocess",
+]
 
 PREPROCESS_MODES = ("tf", "clean")
 INCEPTION_SIZE = 299
@@ -54,15 +57,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+def composite_on_white(color: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Straight (non-premultiplied) alpha composited on white, in exact integer arithmetic:
+    ``round((c a + 255 (255 - a)) / 255)`` for uint8 ``color`` (B, C, H, W) and ``alpha``
+    (B, 1, H, W). An opaque alpha (255) returns ``color`` unchanged."""
+    c, a = color.to(torch.int32), alpha.to(torch.int32)
+    return torch.div(c * a + 255 * (255 - a) + 127, 255, rounding_mode="floor").to(torch.uint8)
+
+
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) with C in {1, 3, 4} to 3 channels: grayscale is replicated, alpha dropped
-    (as PIL ``convert("RGB")``, which NVlabs and clean-fid use when reading files)."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-        raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 3, 4), got {tuple(images.shape)}")
+    """(B, C, H, W) to 3 channels. C = 1 (grey) is replicated; C = 3 passes; C = 2 (grey + alpha)
+    and C = 4 (RGBA) are composited on white (:func:`composite_on_white`; uint8 only), as image
+    files with transparency are read (docs/evaluation.md, "Reading files")."""
+    if images.ndim != 4 or images.shape[1] not in (1, 2, 3, 4):
+        raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 2, 3, 4), got {tuple(images.shape)}")
     c = images.shape[1]
-    if c == 1:
+    if c in (2, 4):
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images with an alpha channel (C={c}) must be uint8, got {images.dtype}")
+        images = composite_on_white(images[:, : c - 1], images[:, c - 1 :])
+    if images.shape[1] == 1:
         return images.expand(-1, 3, -1, -1)
-    return images[:, :3] if c == 4 else images
+    return images
 
 
 def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -106,7 +122,7 @@ def resize_pil_bicubic(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Ten
 
 
 def inception_preprocess(images: torch.Tensor, mode: str = "tf") -> torch.Tensor:
-    """Images (B, C, H, W), uint8 or float in [0, 1] (rounded), C in {1, 3, 4}, to the FID
+    """Images (B, C, H, W), uint8 or float in [0, 1] (rounded), C in {1, 2, 3, 4}, to the FID
     Inception input: float32 (B, 3, 299, 299) in ``(x - 128) / 128`` units, resized per ``mode``
     (see the module docstring for which tool each mode matches)."""
     check_mode(mode)
