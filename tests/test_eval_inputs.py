@@ -219,3 +219,34 @@ def test_digits_and_clip_inputs_composite_alpha_too():
     big = t.repeat_interleave(8, -1).repeat_interleave(8, -2)
     torch.testing.assert_close(digits_prepare(big), digits_prepare(expected.repeat_interleave(8, -1)
                                                                    .repeat_interleave(8, -2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite float images
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_float_images_are_refused_by_index(tmp_path, bad):
+    """NaN passed the [0, 1] check (every comparison with NaN is False) and became black pixels:
+    a finite FID (609) from NaN images. Now refused, naming the image."""
+    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits
+    from fewstep.eval.metrics import FID
+    from fewstep.eval.preprocess import to_uint8
+
+    x = torch.rand(4, 3, 16, 16)
+    x[2, 1, 3, 4] = bad
+    with pytest.raises(ValueError, match=r"image 2 .*non-finite"):
+        to_uint8(x)
+    with pytest.raises(ValueError, match=r"non-finite"):
+        to_uint8(x[2])  # a single (C, H, W) image
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    with pytest.raises(ValueError, match="non-finite"):
+        ext(x)
+    fid = FID(feature=ext)
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.update(x, real=False)
+    from test_eval_fd_digits import StandIn
+
+    with pytest.raises(ValueError, match="image 2 .*non-finite"):
+        fd_digits(x, extractor=DigitsFeatures(StandIn(), name="stand-in"))
+    with pytest.raises(ValueError, match="image 2 .*non-finite"):
+        fd_digits(list(x), extractor=DigitsFeatures(StandIn(), name="stand-in"))
