@@ -39,7 +39,8 @@ def digits_prepare(images: torch.Tensor) -> torch.Tensor:
     """Images -> float (B, 1, 8, 8) in [-1, 1] for the digits classifier (see module docstring).
     A single (C, H, W) image gives (1, 8, 8)."""
     single = images.ndim == 3
-    x = to_uint8(images.unsqueeze(0) if single else images)
+    x = to_uint8(images)
+    x = x.unsqueeze(0) if single else x
     if x.ndim != 4 or x.shape[1] not in (1, 2, 3, 4):
         raise ValueError(f"images must be (B, C, H, W) with C in (1, 2, 3, 4), got {tuple(x.shape)}")
     if x.shape[-1] < DIGITS_SIZE or x.shape[-2] < DIGITS_SIZE:
@@ -159,7 +160,13 @@ def fd_digits(
     """
     extractor = extractor if extractor is not None else DigitsFeatures()
     if isinstance(images, (list, tuple)):
-        x = torch.stack([digits_prepare(im) for im in images]) if len(images) else torch.zeros(0, 1, 8, 8)
+        prepared = []
+        for i, im in enumerate(images):
+            try:
+                prepared.append(digits_prepare(im))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"image {i} of the list: {err}") from err
+        x = torch.stack(prepared) if prepared else torch.zeros(0, 1, 8, 8)
     elif isinstance(images, torch.Tensor) and images.ndim == 4:
         x = digits_prepare(images)
     else:

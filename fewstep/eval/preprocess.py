@@ -40,8 +40,10 @@ def check_mode(mode: str) -> str:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Return uint8 images: uint8 passes through; float in [0, 1] becomes ``round(x*255)``.
 
-    Raises ValueError for floats outside [0, 1] (a [0, 255] or [-1, 1] float tensor is a common
-    mistake that would silently give a wrong metric) and TypeError for other dtypes.
+    Raises ValueError for non-finite floats (NaN, inf: NaN passes every range comparison and would
+    become black pixels) and for floats outside [0, 1] (a [0, 255] or [-1, 1] float tensor is a
+    common mistake that would silently give a wrong metric), naming the first offending image of
+    a (B, C, H, W) batch; TypeError for other dtypes.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -49,10 +51,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
         return images
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
+    if not images.numel():
+        return images.to(torch.uint8)
+
+    def which(bad: torch.Tensor) -> str:
+        if images.ndim != 4:
+            return "the image has"
+        per_image = bad.reshape(len(images), -1).any(1)
+        idx = per_image.nonzero().flatten().tolist()
+        more = f" (and {len(idx) - 1} more)" if len(idx) > 1 else ""
+        return f"image {idx[0]} of the batch{more} has"
+
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(images).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(f"{which(~finite)} non-finite values ({n_nan} NaN, {n_inf} inf): images must be finite "
+                         "floats in [0, 1] or uint8; check the sampler output (fewer steps, lower guidance)")
+    outside = (images < 0) | (images > 1)
+    if bool(outside.any()):
         raise ValueError(
-            f"float images must lie in [0, 1] (got min {images.min().item():.3g}, max {images.max().item():.3g}); "
-            "map [-1, 1] with (x + 1) / 2 or pass uint8 for [0, 255]"
+            f"float images must lie in [0, 1]: {which(outside)} values in [{images.min().item():.3g}, "
+            f"{images.max().item():.3g}]; map [-1, 1] with (x + 1) / 2 or pass uint8 for [0, 255]"
         )
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
 
