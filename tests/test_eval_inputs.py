@@ -250,3 +250,123 @@ def test_non_finite_float_images_are_refused_by_index(tmp_path, bad):
         fd_digits(x, extractor=DigitsFeatures(StandIn(), name="stand-in"))
     with pytest.raises(ValueError, match="image 2 .*non-finite"):
         fd_digits(list(x), extractor=DigitsFeatures(StandIn(), name="stand-in"))
+
+
+# ------------------------------------------------------------------------------------------------
+# empty sources
+# ------------------------------------------------------------------------------------------------
+def test_empty_sources_are_refused(tmp_path):
+    """extract_features returned n = 0 for an empty folder (then FID failed much later, or an
+    empty reference was saved); now it says which source is empty, before loading anything."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden.png").write_bytes(b"")
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    with pytest.raises(ValueError, match=r"no images in folder .*empty"):
+        extract_features(FileImageSource(tmp_path / "empty"), ext, progress=False)
+    with pytest.raises(ValueError, match="no images in tensor"):
+        extract_features(TensorImageSource(torch.zeros(0, 3, 8, 8, dtype=torch.uint8)), ext, progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no readable images in folder .*bad: all 1 file\(s\) are bad"):
+        extract_features(FileImageSource(tmp_path / "bad"), ext, progress=False, skip_bad=True)
+
+
+def test_check_images_reports_before_and_its_result_is_reused(tmp_path):
+    """check_images (the up-front check that fewstep eval runs on every input before any feature
+    pass) lists bad files; extract_features then does not check the same files again."""
+    from fewstep.eval.features import check_images
+
+    write_images(tmp_path / "imgs", 3, seed=0)
+    (tmp_path / "imgs" / "x.png").write_text("no")
+    src = FileImageSource(tmp_path / "imgs")
+    with pytest.raises(BadImagesError, match="x.png"):
+        check_images(src)
+    assert [n for n, _ in check_images(src, skip_bad=True)] == ["x.png"]
+    checked = []
+    real = FileImageSource.check
+    FileImageSource.check = lambda self, i: checked.append(i) or real(self, i)
+    try:
+        with pytest.warns(UserWarning, match="skipped 1"):
+            res = extract_features(src, InceptionFeatures(tiny_trunk_file(tmp_path)), progress=False, skip_bad=True)
+    finally:
+        FileImageSource.check = real
+    assert res.stats.n == 3 and checked == []
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics files
+# ------------------------------------------------------------------------------------------------
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_mismatched_or_invalid_statistics_files_name_the_file_and_the_problem(tmp_path):
+    from fewstep.eval.frechet import FeatureStats
+
+    good = FeatureStats.from_features(torch.randn(30, 4, dtype=torch.float64), {"extractor": "e", "dim": 4})
+    good.save(tmp_path / "good.npz")
+    assert FeatureStats.load(tmp_path / "good.npz").n == 30
+    cases = {
+        "shapes.npz": (dict(mu=np.zeros(2048), sigma=np.eye(10)), r"shapes.npz.*sigma .*\(10, 10\).*2048"),
+        "mu2d.npz": (dict(mu=np.zeros((2, 3)), sigma=np.eye(3)), r"mu2d.npz.*mu .*\(2, 3\)"),
+        "nan.npz": (dict(mu=np.array([0.0, np.nan]), sigma=np.eye(2)), r"nan.npz.*mu .*non-finite"),
+        "asym.npz": (dict(mu=np.zeros(2), sigma=np.array([[1.0, 0.5], [-0.5, 1.0]])), r"asym.npz.*not symmetric"),
+        "negvar.npz": (dict(mu=np.zeros(2), sigma=-np.eye(2)), r"negvar.npz.*negative variances"),
+        "n1.npz": (dict(mu=np.zeros(2), sigma=np.eye(2), n=np.int64(1)), r"n1.npz.*n must be an integer >= 2"),
+        "nfloat.npz": (dict(mu=np.zeros(2), sigma=np.eye(2), n=np.float64(2.5)), r"nfloat.npz.*n must be an integer"),
+        "meta.npz": (dict(mu=np.zeros(2), sigma=np.eye(2), meta=np.array("{not json")), r"meta.npz.*meta.*JSON"),
+        "dim.npz": (dict(mu=np.zeros(2), sigma=np.eye(2), meta=np.array('{"dim": 2048}')), r"dim.npz.*2048.*2"),
+        "text.npz": (dict(mu=np.array(["a", "b"]), sigma=np.eye(2)), r"text.npz.*mu .*numbers"),
+    }
+    for name, (arrays, pattern) in cases.items():
+        _npz(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=pattern):
+            FeatureStats.load(tmp_path / name)
+
+
+def test_truncated_or_foreign_statistics_files_say_what_to_do(tmp_path):
+    from fewstep.eval.frechet import FeatureStats
+
+    FeatureStats.from_features(torch.randn(30, 64, dtype=torch.float64)).save(tmp_path / "ref.npz")
+    data = (tmp_path / "ref.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.npz").write_text("hello")
+    (tmp_path / "pickled.npz").write_bytes(b"")
+    for name in ("cut.npz", "text.npz", "pickled.npz"):
+        with pytest.raises(ValueError, match=rf"{name}.*cannot be read.*truncated or not an \.npz.*recompute"):
+            FeatureStats.load(tmp_path / name)
+    # an .npz whose arrays are object arrays (needs pickle) is not statistics either
+    np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    with pytest.raises(ValueError, match="obj.npz"):
+        FeatureStats.load(tmp_path / "obj.npz")
+
+
+def test_features_of_a_statistics_file_are_checked(tmp_path):
+    from fewstep.eval.frechet import FeatureStats, load_stats
+
+    feats = torch.randn(30, 4, dtype=torch.float64)
+    st = FeatureStats.from_features(feats, {"extractor": "e"})
+    st.save(tmp_path / "with.npz", features=feats)
+    st.save(tmp_path / "without.npz")
+    s2, f2 = load_stats(tmp_path / "with.npz", need_features=True)
+    torch.testing.assert_close(f2.double(), feats) and torch.testing.assert_close(s2.mean, st.mean)
+    with pytest.raises(ValueError, match=r"without.npz holds no features.*--keep-features"):
+        load_stats(tmp_path / "without.npz", need_features=True)
+    np.savez(tmp_path / "wrongdim.npz", mu=np.zeros(4), sigma=np.eye(4), n=np.int64(30), feats=np.zeros((30, 5)))
+    with pytest.raises(ValueError, match=r"wrongdim.npz.*feats .*\(30, 5\).*4"):
+        load_stats(tmp_path / "wrongdim.npz", need_features=True)
+
+
+def test_statistics_of_another_extractor_are_refused_naming_the_file(tmp_path):
+    from fewstep.eval.frechet import FeatureStats, fid_from_stats
+
+    a = FeatureStats.from_features(torch.randn(30, 4, dtype=torch.float64), {"extractor": "net-a"})
+    b = FeatureStats.from_features(torch.randn(30, 4, dtype=torch.float64), {"extractor": "net-b"})
+    c = FeatureStats.from_features(torch.randn(30, 6, dtype=torch.float64), {"extractor": "net-a"})
+    b.save(tmp_path / "b.npz")
+    c.save(tmp_path / "c.npz")
+    with pytest.raises(ValueError, match=r"b\.npz.*'net-b'.*'net-a'"):
+        fid_from_stats(a, FeatureStats.load(tmp_path / "b.npz"))
+    with pytest.raises(ValueError, match=r"c\.npz.*6.*4"):
+        fid_from_stats(a, FeatureStats.load(tmp_path / "c.npz"))
