@@ -36,7 +36,7 @@ from ..device import resolve_device
 from .frechet import FeatureStats
 from .images import BadImagesError, ImageSource, find_bad_images
 
-__all__ = ["resolve_device", "extract_features", "FeatureResult"]
+__all__ = ["resolve_device", "extract_features", "check_images", "FeatureResult"]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -62,6 +62,33 @@ def _gather_in_order(idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tens
         return None
     order = torch.argsort(torch.cat([p[0] for p in parts]))
     return torch.cat([p[1] for p in parts])[order]
+
+
+def check_images(source: ImageSource, *, skip_bad: bool = False, progress: bool = False) -> list[tuple[str, str]]:
+    """Check every image of ``source`` before any feature work; return the ``(name, reason)`` of
+    its bad files (unreadable, not images, unsupported modes).
+
+    Raises ValueError for an empty source and for one whose files are all bad, and
+    :class:`BadImagesError` (a ValueError listing them) for bad files unless ``skip_bad``. Under
+    ``torch.distributed`` each process checks its round-robin share and the lists are gathered, so
+    every process agrees. The result is remembered on ``source``: :func:`extract_features` (and a
+    second call) reuse it, so ``fewstep eval`` can check all its inputs first at no extra cost.
+    """
+    if len(source) == 0:
+        raise ValueError(f"no images in {source.description}")
+    rank, world = _dist_info()
+    memo = source.__dict__.setdefault("_checked_bad", {})  # per (rank, world): a gather needs every rank
+    bad = memo.get((rank, world))
+    if bad is None:
+        sub = source.subset(list(range(rank, len(source), world)))
+        parts = _all_gather_objects(find_bad_images(sub, progress=progress and rank == 0))
+        bad = memo[(rank, world)] = sorted(b for part in parts for b in part)
+    if bad and not skip_bad:
+        raise BadImagesError(source.description, bad)
+    if len(bad) == len(source):
+        shown = "; ".join(f"{n}: {r}" for n, r in bad[:3])
+        raise ValueError(f"no readable images in {source.description}: all {len(bad)} file(s) are bad ({shown})")
+    return list(bad)
 
 
 def _embed(extractor, batch: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,9 +163,10 @@ def extract_features(
 ) -> FeatureResult:
     """Extract features of every image of ``source`` with ``extractor``.
 
-    Bad files (unreadable, not images) are collected by name first: with ``skip_bad=False``
-    a :class:`BadImagesError` (a ValueError) listing them is raised before any feature work;
-    with ``skip_bad=True`` they are skipped with a warning. ``device`` is "auto", "cpu" or
+    Bad files (unreadable, not images, unsupported modes) are collected by name first
+    (:func:`check_images`): with ``skip_bad=False`` a :class:`BadImagesError` (a ValueError)
+    listing them is raised before any feature work; with ``skip_bad=True`` they are skipped with a
+    warning. An empty source, or one with no readable image, is a ValueError. ``device`` is "auto", "cpu" or
     "cuda"; ``num_workers`` DataLoader processes decode and resize. A tqdm bar shows progress
     on the main process. See the module docstring for the distributed behaviour.
 
@@ -155,15 +183,10 @@ def extract_features(
     from tqdm.auto import tqdm
 
     rank, world = _dist_info()
+    # 1. find bad files (sharded check, gathered so that every process agrees; reused if done before)
+    bad = check_images(source, skip_bad=skip_bad, progress=progress)
     dev = resolve_device(device)
     extractor = extractor.to(dev)
-
-    # 1. find bad files (sharded check, gathered so that every process agrees)
-    mine = list(range(rank, len(source), world))
-    sub = source.subset(mine)
-    bad = [b for part in _all_gather_objects(find_bad_images(sub, progress=progress and rank == 0)) for b in part]
-    if bad and not skip_bad:
-        raise BadImagesError(source.description, sorted(bad))
     bad_names = {n for n, _ in bad}
     keep = [i for i in range(len(source)) if source.names[i] not in bad_names]
 
@@ -212,6 +235,10 @@ def extract_features(
     if late_bad and not skip_bad:
         raise BadImagesError(source.description, sorted(late_bad))
     late_names = {n for n, _ in late_bad}
+    if len(late_names) == len(keep):
+        shown = "; ".join(f"{n}: {r}" for n, r in sorted(late_bad)[:3])
+        raise ValueError(f"no readable images in {source.description}: all {len(keep)} file(s) failed to decode "
+                         f"({shown})")
     skipped = sorted(bad + late_bad)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} bad file(s) in {source.description}", stacklevel=2)
