@@ -199,7 +199,8 @@ def extract_features(
         collate_fn=_collate,
         pin_memory=dev.type == "cuda",
     )
-    stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
+    stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta(),
+                         origin=f"features of {source.description}")
     local_idx, local_feats, local_extra, late_bad = [], [], [], []
     ckpt = _Checkpoint(checkpoint, rank, world, checkpoint_every, shard, stats.meta, batch_size, keep_features)
     done = ckpt.restore(stats, local_idx, local_feats, local_extra, late_bad)
