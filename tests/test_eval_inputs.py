@@ -370,3 +370,48 @@ def test_statistics_of_another_extractor_are_refused_naming_the_file(tmp_path):
         fid_from_stats(a, FeatureStats.load(tmp_path / "b.npz"))
     with pytest.raises(ValueError, match=r"differ: 4 \(net-a\) vs 6 \(net-a, statistics .*c\.npz\)"):
         fid_from_stats(a, FeatureStats.load(tmp_path / "c.npz"))
+
+
+# ------------------------------------------------------------------------------------------------
+# FD-digits labels
+# ------------------------------------------------------------------------------------------------
+def test_digit_labels_outside_0_9_are_refused():
+    """Labels 10 or -1 were accepted: the accuracy silently counted them as misses."""
+    from test_eval_fd_digits import StandIn
+
+    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits
+
+    ext = DigitsFeatures(StandIn(), name="stand-in")
+    x = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert fd_digits(x, torch.arange(12) % 10, extractor=ext)["accuracy"] is not None
+    for bad, pattern in ((10, r"index 5.* 10\b.*0\.\.9"), (-1, r"index 5.*-1.*0\.\.9")):
+        labels = torch.arange(12) % 10
+        labels[5] = bad
+        with pytest.raises(ValueError, match=pattern):
+            fd_digits(x, labels, extractor=ext)
+        with pytest.raises(ValueError, match=pattern):
+            fd_digits(x, labels.tolist(), extractor=ext)
+    with pytest.raises(ValueError, match="integers"):
+        fd_digits(x, torch.full((12,), 2.5), extractor=ext)
+
+
+def test_label_files_name_the_file_and_line(tmp_path):
+    from fewstep.eval.fd_digits import read_labels
+
+    p = tmp_path / "labels.txt"
+    p.write_text("3\n\n 7 \n0\n")
+    assert read_labels(p, 3) == [3, 7, 0]  # blank lines are skipped, spaces stripped
+    p.write_text("3\n\nseven\n")
+    with pytest.raises(ValueError, match=r"labels.txt, line 3: 'seven' is not an integer"):
+        read_labels(p, 2)
+    p.write_text("3\n11\n")
+    with pytest.raises(ValueError, match=r"labels.txt, line 2: label 11 is outside 0\.\.9"):
+        read_labels(p, 2)
+    p.write_text("3\n1\n")
+    with pytest.raises(ValueError, match=r"labels.txt has 2 labels for 3 images"):
+        read_labels(p, 3)
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_labels(tmp_path / "nope.txt", 3)
+    p.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="labels.txt.*not a UTF-8 text"):
+        read_labels(p, 1)
