@@ -26,9 +26,12 @@ __all__ = [
     "digits_reference_images",
     "fd_digits",
     "fd_digits_from_stats",
+    "check_labels",
+    "read_labels",
 ]
 
 DIGITS_SIZE = 8
+NUM_CLASSES = 10
 _MISSING = (
     "the digits classifier is not available: fewstep.models.classifier.load_digits_classifier "
     "could not be imported (it ships with the digits teacher, issue 3)"
@@ -49,6 +52,58 @@ def digits_prepare(images: torch.Tensor) -> torch.Tensor:
     x = F.adaptive_avg_pool2d(x, DIGITS_SIZE)
     x = x / 127.5 - 1.0
     return x[0] if single else x
+
+
+def check_labels(labels, n: int | None = None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Intended classes as a (N,) int64 tensor, checked: integers (ints, or floats with integer
+    values) in ``0..num_classes-1``, and ``n`` of them when ``n`` is given; ValueError naming the
+    first bad entry's index and value otherwise."""
+    t = torch.as_tensor(labels).flatten()
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            k = int((~torch.isfinite(t) | (t != t.round())).nonzero()[0])
+            raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got {t[k].item()!r} at index {k}")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got dtype {t.dtype}")
+    t = t.long()
+    outside = (t < 0) | (t >= num_classes)
+    if bool(outside.any()):
+        k = int(outside.nonzero()[0])
+        raise ValueError(f"labels: the label at index {k} is {int(t[k])}, outside 0..{num_classes - 1} "
+                         f"({int(outside.sum())} label(s) out of range)")
+    if n is not None and len(t) != n:
+        raise ValueError(f"labels has {len(t)} entries for {n} images")
+    return t
+
+
+def read_labels(path, n: int | None = None, num_classes: int = NUM_CLASSES) -> list[int]:
+    """Labels from a text file, one integer per non-blank line (surrounding spaces ignored), each
+    in ``0..num_classes-1``; ``n`` of them when given. Errors name the file and the line."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file not found: {str(p)!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p} is not a UTF-8 text file of labels ({err})") from err
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            lab = int(s)
+        except ValueError:
+            raise ValueError(f"{p}, line {lineno}: {s!r} is not an integer label (one label 0..{num_classes - 1} "
+                             "per line)") from None
+        if not 0 <= lab < num_classes:
+            raise ValueError(f"{p}, line {lineno}: label {lab} is outside 0..{num_classes - 1}")
+        out.append(lab)
+    if n is not None and len(out) != n:
+        raise ValueError(f"{p} has {len(out)} labels for {n} images (one per image, in sorted file order)")
+    return out
 
 
 def load_classifier() -> nn.Module:
@@ -171,8 +226,8 @@ def fd_digits(
         x = digits_prepare(images)
     else:
         raise TypeError("images must be a (N, C, H, W) tensor or a list of (C, H, W) tensors")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+    if labels is not None:
+        labels = check_labels(labels, len(images))
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
         if labels is None:
@@ -219,7 +274,7 @@ def fd_digits_from_stats(
     check_sample_size(reference.n, reference.dim, "reference images")
     out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}
     if labels is not None:
-        labels = torch.as_tensor(labels).long().flatten()
+        labels = check_labels(labels, num_classes=NUM_CLASSES if logits is None else int(logits.shape[-1]))
         if logits is None or len(logits) != len(labels) or len(labels) != gen.n:
             n_logits = None if logits is None else len(logits)
             raise ValueError(f"labels has {len(labels)} entries for {gen.n} images ({n_logits} logits)")
