@@ -4,6 +4,7 @@ files, corrupt weights and checkpoints, label files."""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -415,3 +416,66 @@ def test_label_files_name_the_file_and_line(tmp_path):
     p.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="labels.txt.*not a UTF-8 text"):
         read_labels(p, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# corrupt files
+# ------------------------------------------------------------------------------------------------
+def test_corrupt_inception_weights_name_the_file_and_what_to_do(tmp_path):
+    good = tiny_trunk_file(tmp_path)
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not weights")
+    for name in ("cut.pt", "text.pt"):
+        with pytest.raises(ValueError, match=rf"{name}.*cannot be loaded.*--inception-weights"):
+            InceptionFeatures(tmp_path / name)
+    # a TorchScript module that is not an image network
+    torch.jit.script(torch.nn.Linear(10, 3)).save(str(tmp_path / "linear.pt"))
+    with pytest.raises(ValueError, match=r"linear.pt.*\(1, 3, 299, 299\)"):
+        InceptionFeatures(tmp_path / "linear.pt")
+
+
+def test_corrupt_checkpoint_names_the_file_and_says_to_remove_it(tmp_path):
+    write_images(tmp_path / "imgs", 3, seed=0)
+    ckpt = tmp_path / "ref.npz.partial"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    with pytest.raises(ValueError, match=r"ref.npz.partial.*cannot be read.*remove it"):
+        extract_features(FileImageSource(tmp_path / "imgs"), ext, progress=False, checkpoint=ckpt)
+
+
+def test_corrupt_zip_source_is_named_as_such(tmp_path):
+    import zipfile
+
+    write_images(tmp_path / "imgs", 3, seed=0)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for p in sorted((tmp_path / "imgs").iterdir()):
+            zf.write(p, p.name)
+    data = (tmp_path / "imgs.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) - 30])
+    with pytest.raises(ValueError, match=r"cut.zip.*not a readable zip archive"):
+        FileImageSource(tmp_path / "cut.zip")
+
+
+def test_image_that_fails_to_decode_is_named_and_the_work_is_kept(tmp_path):
+    """A truncated JPEG passes PIL's header check and fails only when decoded, during the pass: it
+    is listed by name at the end, and with a checkpoint the finished work is saved first, so the
+    rerun with skip_bad=True embeds nothing again."""
+    write_images(tmp_path / "imgs", 5, seed=0)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "imgs" / "img_002b.jpg").write_bytes(buf.getvalue()[:400])
+    ext = InceptionFeatures(tiny_trunk_file(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    calls = []
+    real = ext.embed
+    ext.embed = lambda x: calls.append(len(x)) or real(x)
+    with pytest.raises(BadImagesError, match=r"(?s)img_002b.jpg.*--skip-bad"):
+        extract_features(FileImageSource(tmp_path / "imgs"), ext, batch_size=2, progress=False, checkpoint=ckpt,
+                         checkpoint_every=100)
+    assert sum(calls) == 5 and ckpt.exists()
+    calls.clear()
+    with pytest.warns(UserWarning, match="skipped 1"):
+        res = extract_features(FileImageSource(tmp_path / "imgs"), ext, batch_size=2, progress=False,
+                               checkpoint=ckpt, skip_bad=True)
+    assert calls == [] and res.stats.n == 5 and not ckpt.exists()
