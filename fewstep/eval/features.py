@@ -23,7 +23,6 @@ results equal a single-process run (docs/evaluation.md, "Several GPUs or process
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from .._io import atomic_path
 from ..device import resolve_device
 from .frechet import FeatureStats
 from .images import BadImagesError, ImageSource, find_bad_images
@@ -234,7 +234,9 @@ def extract_features(
     late_bad = [b for part, _ in parts for b in part]
     per_process = [n for _, n in parts]
     if late_bad and not skip_bad:
-        raise BadImagesError(source.description, sorted(late_bad))
+        # found only by decoding, after the pass: keep the finished work for the --skip-bad rerun
+        note = ckpt.save(done, stats, local_idx, local_feats, local_extra, late_bad)
+        raise BadImagesError(source.description, sorted(late_bad), note)
     late_names = {n for n, _ in late_bad}
     if len(late_names) == len(keep):
         shown = "; ".join(f"{n}: {r}" for n, r in sorted(late_bad)[:3])
@@ -272,8 +274,12 @@ class _Checkpoint:
     def restore(self, stats, local_idx, local_feats, local_extra, late_bad) -> int:
         if self.path is None or not self.path.exists():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a damaged file: torch/pickle/zipfile raise many types
+            raise ValueError(f"checkpoint {self.path} cannot be read ({type(err).__name__}: {err}); remove it to "
+                             "start the feature pass over") from err
+        if not isinstance(state, dict) or state.get("key") != self.key:
             raise ValueError(f"checkpoint {self.path} was made for other images, another extractor or "
                              "batch size; remove it to start over")
         stats.n, stats.sum, stats.sum_outer = state["n"], state["sum"], state["sum_outer"]
@@ -285,13 +291,19 @@ class _Checkpoint:
 
     def step(self, done, stats, local_idx, local_feats, local_extra, late_bad) -> None:
         self.batches += 1
-        if self.path is None or self.batches % self.every:
-            return
+        if self.path is not None and not self.batches % self.every:
+            self.save(done, stats, local_idx, local_feats, local_extra, late_bad)
+
+    def save(self, done, stats, local_idx, local_feats, local_extra, late_bad) -> str:
+        """Write the state now (atomically: an interrupted save never corrupts the last checkpoint);
+        returns a note for error messages saying where the work is kept ("" without a checkpoint)."""
+        if self.path is None:
+            return ""
         state = {"key": self.key, "done": done, "n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer,
                  "idx": local_idx, "feats": local_feats, "extra": local_extra, "late_bad": late_bad}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # atomic: an interrupted save never corrupts the last checkpoint
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        return f"the features computed so far are kept in {self.path} (a rerun continues from there)"
 
     def remove(self) -> None:
         if self.path is not None and self.path.exists():

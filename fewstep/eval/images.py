@@ -38,13 +38,13 @@ class BadImagesError(ValueError):
     """Raised when a source contains files that cannot be read as images; ``.bad`` lists
     ``(name, reason)`` pairs."""
 
-    def __init__(self, source: str, bad: list[tuple[str, str]]):
+    def __init__(self, source: str, bad: list[tuple[str, str]], note: str = ""):
         self.bad = bad
         shown = "\n".join(f"  {n}: {r}" for n, r in bad[:50])
         more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         super().__init__(
             f"{len(bad)} unreadable or non-image file(s) in {source}:\n{shown}{more}\n"
-            "fix or remove them, or pass --skip-bad (skip_bad=True) to ignore them"
+            "fix or remove them, or pass --skip-bad (skip_bad=True) to ignore them" + (f"; {note}" if note else "")
         )
 
 
@@ -234,8 +234,14 @@ class FileImageSource(ImageSource):
                     if not i.is_dir()
                     and not any(part.startswith(".") or part == "__MACOSX" for part in i.filename.split("/"))
                 )
+        elif not self.path.exists():
+            raise FileNotFoundError(f"image source {str(self.path)!r} does not exist (give a folder of images or a "
+                                    "zip)")
+        elif self.path.suffix.lower() == ".zip":
+            raise ValueError(f"image source {str(self.path)!r} is not a readable zip archive (truncated or corrupt?); "
+                             "recreate it, or unpack it and pass the folder")
         else:
-            raise FileNotFoundError(f"image source {str(self.path)!r} is neither a folder nor a zip file")
+            raise ValueError(f"image source {str(self.path)!r} is a file but neither a folder nor a zip archive")
         self.description = f"{self.kind} {self.path}" + (
             f" (the {len(self.names)} images of its fewstep sample record)" if self.record is not None else "")
 
