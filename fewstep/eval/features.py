@@ -24,7 +24,7 @@ results equal a single-process run (docs/evaluation.md, "Several GPUs or process
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -146,6 +146,17 @@ class FeatureResult:
     extra: torch.Tensor | None = None
     indices: list[int] | None = None
     per_process: list[int] | None = None
+    _checkpoint: "_Checkpoint | None" = field(default=None, repr=False, compare=False)
+
+    def remove_checkpoint(self) -> None:
+        """Delete the checkpoint that ``extract_features(..., keep_checkpoint=True)`` kept, once the
+        results are stored safely. Under ``torch.distributed`` every process calls it; it first
+        waits for all of them (so rank 0 has finished writing), then removes its own file."""
+        if self._checkpoint is None:
+            return
+        _all_gather_objects(None)  # a barrier
+        self._checkpoint.remove()
+        self._checkpoint = None
 
 
 def extract_features(
@@ -160,6 +171,7 @@ def extract_features(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
+    keep_checkpoint: bool = False,
 ) -> FeatureResult:
     """Extract features of every image of ``source`` with ``extractor``.
 
@@ -174,7 +186,10 @@ def extract_features(
     saved every ``checkpoint_every`` batches (atomically; one file per rank, suffixed ``.rankN``,
     under several processes). If it exists when the call starts, the work resumes after the last
     saved batch, provided it was made for the same images, extractor and batch size (else a
-    ValueError says to remove it); it is deleted once the features are complete.
+    ValueError says to remove it); it is deleted once the features are complete. With
+    ``keep_checkpoint=True`` it is instead completed and kept until the caller has stored the
+    results and calls :meth:`FeatureResult.remove_checkpoint` (a kill while the caller writes its
+    output then costs nothing: the rerun finishes at once).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -230,12 +245,13 @@ def extract_features(
             done += len(idx) + len(bad_items)
             ckpt.step(done, stats, local_idx, local_feats, local_extra, late_bad)
 
-    parts = _all_gather_objects((late_bad, stats.n))
+    local_late = late_bad
+    parts = _all_gather_objects((local_late, stats.n))
     late_bad = [b for part, _ in parts for b in part]
     per_process = [n for _, n in parts]
     if late_bad and not skip_bad:
         # found only by decoding, after the pass: keep the finished work for the --skip-bad rerun
-        note = ckpt.save(done, stats, local_idx, local_feats, local_extra, late_bad)
+        note = ckpt.save(done, stats, local_idx, local_feats, local_extra, local_late)
         raise BadImagesError(source.description, sorted(late_bad), note)
     late_names = {n for n, _ in late_bad}
     if len(late_names) == len(keep):
@@ -246,6 +262,9 @@ def extract_features(
     if skipped:
         warnings.warn(f"skipped {len(skipped)} bad file(s) in {source.description}", stacklevel=2)
 
+    hold = keep_checkpoint and ckpt.path is not None
+    if hold:  # this process's complete state (before the all-reduce): a rerun finishes at once
+        ckpt.save(done, stats, local_idx, local_feats, local_extra, local_late)
     stats.all_reduce()
     idx = torch.cat(local_idx) if local_idx else torch.zeros(0, dtype=torch.long)
     features = None
@@ -255,9 +274,10 @@ def extract_features(
             features = torch.zeros(0, stats.dim)
     extra = _gather_in_order(idx, torch.cat(local_extra) if local_extra else None)
     used = [i for i in keep if source.names[i] not in late_names]
-    ckpt.remove()
+    if not hold:
+        ckpt.remove()
     return FeatureResult(stats=stats, features=features, names=[source.names[i] for i in used], skipped=skipped,
-                         extra=extra, indices=used, per_process=per_process)
+                         extra=extra, indices=used, per_process=per_process, _checkpoint=ckpt if hold else None)
 
 
 class _Checkpoint:
