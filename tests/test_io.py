@@ -10,7 +10,14 @@ import os
 import numpy as np
 import pytest
 
-from fewstep._io import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from fewstep._io import (
+    atomic_open,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+)
 
 
 def _leftovers(folder):
@@ -105,3 +112,18 @@ def test_check_writable_unwritable_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(io_mod.os, "open", refuse)
     with pytest.raises(ValueError, match="--out: cannot write to .*Permission denied"):
         check_writable(tmp_path / "out.npz", what="--out")
+
+
+def test_a_writer_that_appends_a_suffix_is_caught(tmp_path):
+    """np.savez appends ".npz" to a name without it: the temp file would stay empty and replace the
+    target with an empty file. atomic_path notices, keeps the target and cleans up."""
+    out = tmp_path / "stats"  # no .npz
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="appended a suffix.*atomic_open"):
+        with atomic_path(out) as tmp:
+            np.savez(str(tmp), mu=np.zeros(2))
+    assert out.read_bytes() == b"old" and _leftovers(tmp_path) == ["stats"]
+    with atomic_open(out, "wb") as f:  # the file-object form writes exactly there
+        np.savez(f, mu=np.zeros(2))
+    with np.load(out) as z:
+        assert z["mu"].shape == (2,)
