@@ -5,7 +5,9 @@ onto the target with ``os.replace`` once it is complete (and flushed to disk), s
 disk or an exception during the write leaves the previous file (or none), never a truncated one.
 Temporary names are hidden (``.NAME.<random>.tmp<suffix>``; image folders skip hidden files) and
 keep the target's suffix, so writers that pick a format by suffix (PIL) or append one
-(``np.savez``) behave as with the real name. A temporary file survives only a hard kill.
+(``np.savez``) behave as with the real name; a writer that still appends a suffix (``np.savez``
+on a name without ``.npz``) is caught instead of leaving an empty file: give it a file object from
+:func:`atomic_open`. A temporary file survives only a hard kill.
 
 API::
 
@@ -68,6 +70,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _new_temp(target)
     try:
         yield tmp
+        strays = [p for p in tmp.parent.glob(f"{tmp.name}.*") if p.is_file()]
+        if strays:  # e.g. np.savez(str) appends ".npz" to a name without it, leaving tmp empty
+            for p in strays:
+                p.unlink()
+            raise RuntimeError(f"the writer for {target} wrote {strays[0].name} instead of the path it was given "
+                               "(it appended a suffix); give it a file object from atomic_open instead")
         with open(tmp, "rb+") as f:  # the writer may have used its own handle: flush it to disk
             os.fsync(f.fileno())
         os.replace(tmp, target)
