@@ -30,6 +30,7 @@ GHVB weights: see :func:`ghvb_weights` and ``docs/momentum.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -108,13 +109,13 @@ def resolve_momentum(method: str, momentum_number, base, beta) -> tuple[str, int
                          "(GHVB and Nesterov momentum are built on Adams-Bashforth)")
     top = MAX_ORDER[base]
     if beta is not None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) <= 1.0:
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < float(beta) <= 1.0:
             raise ValueError(f"beta={beta!r} is not supported; allowed: a number in (0, 1] (1 = no momentum)")
         beta = float(beta)
     if momentum_number is None:
         return base, DEFAULT_ORDER[base], DEFAULT_BETA if beta is None else beta
     m = momentum_number
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and 0.0 < m <= top):
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) or not (math.isfinite(m) and 0.0 < m <= top):
         raise ValueError(
             f"momentum_number={m!r} is not supported with base={base!r}; allowed: a number in (0, {top}] "
             f"(order ceil(m), beta = the fractional part; integer m = plain {base} of order m)")
