@@ -348,25 +348,31 @@ def _fmt(vals: list, digits: int = 3) -> str:
     return f"{m:.{digits}g} ({min(vals):.{digits}g}-{max(vals):.{digits}g})"
 
 
+def _mixture_table(cells: dict, w: float, rows, nfes, title: str, spread: bool) -> list[str]:
+    """Markdown rows: mean relative RMSE over seeds (with the min-max range when ``spread``),
+    [mean median per-sample error], ``!k`` blown-up samples summed over seeds."""
+    lines = [title, "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for r in rows:
+        cols = []
+        for n in nfes:
+            vals = _collect(cells, w, r, n)
+            if not vals:
+                cols.append("-")
+                continue
+            blown = sum(v[2] for v in vals)
+            rmse = _fmt([v[0] for v in vals]) if spread else f"{statistics.fmean(v[0] for v in vals):.3g}"
+            cols.append(f"{rmse} [{statistics.fmean(v[1] for v in vals):.3g}]" + (f" !{blown}" if blown else ""))
+        lines.append(f"| {r} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def mixture_tables(result: dict) -> list[str]:
-    cells = result.get("mixture", {})
-    rows = list(_rows(SD_CONFIG, digits=False))
     lines = []
     for w in SCALES:
-        lines += [f"\n### Mixture, CFG {w:g}: relative RMSE to the exact guided endpoint, mean (min-max) over seeds; "
-                  "[median per-sample error]; !k = k blown-up samples (summed over seeds)\n",
-                  "| row | " + " | ".join(f"NFE {n}" for n in MIX_NFES) + " |", "|---|" + "---:|" * len(MIX_NFES)]
-        for r in rows:
-            cols = []
-            for n in MIX_NFES:
-                vals = _collect(cells, w, r, n)
-                if not vals:
-                    cols.append("-")
-                    continue
-                blown = sum(v[2] for v in vals)
-                cols.append(f"{_fmt([v[0] for v in vals])} [{statistics.fmean(v[1] for v in vals):.3f}]"
-                            + (f" !{blown}" if blown else ""))
-            lines.append(f"| {r} | " + " | ".join(cols) + " |")
+        lines += _mixture_table(result.get("mixture", {}), w, list(_rows(SD_CONFIG, digits=False)), MIX_NFES,
+                                f"\n### Mixture, CFG {w:g}: relative RMSE to the exact guided endpoint, mean (min-max) "
+                                "over seeds; [median per-sample error]; !k = k blown-up samples (summed over seeds)\n",
+                                spread=True)
     return lines
 
 
@@ -509,19 +515,10 @@ def summary(result: dict) -> list[str]:
     """Condensed tables (the rows and columns docs/momentum.md quotes)."""
     mix, dig = result.get("mixture", {}), result.get("digits", {})
     lines = []
-    nfes = (6, 8, 10, 20)
     for w in SCALES:
-        lines += [f"\n#### Mixture, CFG {w:g}: mean relative RMSE over seeds [mean median per-sample error] "
-                  "(!k: k blown-up samples in all seeds)\n",
-                  "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
-        for r in SUMMARY_MIX:
-            cols = []
-            for n in nfes:
-                vals = _collect(mix, w, r, n)
-                blown = sum(v[2] for v in vals)
-                cols.append(f"{statistics.fmean(v[0] for v in vals):.3g} [{statistics.fmean(v[1] for v in vals):.3g}]"
-                            + (f" !{blown}" if blown else "") if vals else "-")
-            lines.append(f"| {r} | " + " | ".join(cols) + " |")
+        lines += _mixture_table(mix, w, SUMMARY_MIX, (6, 8, 10, 20),
+                                f"\n#### Mixture, CFG {w:g}: mean relative RMSE over seeds [mean median per-sample "
+                                "error] (!k: k blown-up samples in all seeds)\n", spread=False)
     steps = (6, 8, 10, 20)
     for w in SCALES:
         lines += [f"\n#### Digits, CFG {w:g}: magnitude score / FD-digits / accuracy, mean over seeds\n",
