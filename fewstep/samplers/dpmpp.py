@@ -21,6 +21,19 @@ SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint",
 METHODS = ("multistep", "singlestep")
 
 
+def multistep_order(order: int, i: int, n: int, config, lam_t: float) -> int:
+    """The order of multistep step ``i`` of ``n`` after diffusers' final-step rules: first order on
+    the last step with ``euler_at_final``, ``final_sigmas_type="zero"`` or ``lower_order_final``
+    below 15 steps (then at most second order on the one before), and into ``sigma = 0``
+    (``lam_t = inf``), where divided differences do not exist."""
+    if i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
+                       or config.final_sigmas_type == "zero"):
+        return 1
+    if i == n - 2 and config.lower_order_final and n < 15:
+        order = min(order, 2)
+    return 1 if not math.isfinite(lam_t) else order
+
+
 def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
     """Per-interval orders of DPM-Solver-fast (Lu et al. 2022a, Sec. 3.4; the official
     ``get_orders_and_timesteps_for_singlestep_solver``) for ``nfe`` model evaluations. With
@@ -195,12 +208,7 @@ class DPMSolverPPScheduler(FewstepScheduler):
         # the history is diffusers' model_outputs (newest last), so pipelines that edit it act on the solver
         order = min(c.solver_order, self.lower_order_nums + 1)
         preds = [(float(self._lambdas[i - k]), self.model_outputs[-1 - k]) for k in range(order)]
-        if i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"):
-            order = 1
-        elif i == n - 2 and c.lower_order_final and n < 15:
-            order = min(order, 2)
-        if not math.isfinite(t.lam):
-            order = 1  # a step into sigma = 0 cannot use divided differences
+        order = multistep_order(order, i, n, c, t.lam)
         d2_weight = 2.0 if (c.exact_third_order and noise is None) else 1.0
         return multistep_update(x, s, t, preds, order, self._solver_type, noise, d2_weight)
 
