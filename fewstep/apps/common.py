@@ -645,38 +645,18 @@ def _run_batch(model: LoadedModel, sched, steps: int, gspec: GuidanceSpec, conds
 
 def _run_digits(model: LoadedModel, sched, steps: int, gspec: GuidanceSpec, labels: list, gen: torch.Generator,
                 progress: bool) -> tuple[list, int]:
-    """Digits: plain CFG through ``DigitsPipeline.__call__``; guidance objects through
-    :func:`fewstep.sample.sample` on the same UNet (``model(x, t, c)`` convention, null class 10)."""
+    """Digits: the noise of this batch from ``gen``, then ``DigitsPipeline`` (:func:`fewstep.sample`)
+    with the guidance object, or plain CFG at the spec's scale."""
     pipe = model.pipe
     unet = pipe.unet
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     noise = torch.randn((len(labels), unet.config.in_channels, *size), generator=gen, dtype=torch.float32)
     noise = noise.to(model.device, model.dtype)
-    gobj = gspec.build()
-    if gobj is None:
-        with _swapped(pipe, sched, progress):
-            out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale,
-                       generator=gen, latents=noise, output_type="pt")
-        return _to_pil_list(out.images), int(out.nfe)
-    from fewstep.models.pipeline import NULL_CLASS
-    from fewstep.sample import sample
-
-    y = torch.tensor(labels, device=model.device)
-
-    def denoiser(x, t, c):
-        t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        if not isinstance(c, torch.Tensor):
-            c = torch.full((x.shape[0],), int(c), device=x.device)
-        return unet(x.to(model.dtype), t_in, class_labels=c).sample
-
-    with torch.no_grad():
-        x, used = sample(denoiser, noise, sched, steps, guidance=gobj, cond=y,
-                         uncond=torch.full_like(y, NULL_CLASS), generator=gen, progress=progress)
-    if not torch.isfinite(x).all():
-        raise FloatingPointError("non-finite sample (try fewer steps, a lower guidance scale or another scheduler)")
-    imgs = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
-    return _to_pil_list(imgs), int(used)
+    with _swapped(pipe, sched, progress):
+        out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale, guidance=gspec.build(),
+                   generator=gen, latents=noise, output_type="pt")
+    return _to_pil_list(out.images), int(out.nfe)
 
 
 # ------------------------------------------------------------------------------------------------
