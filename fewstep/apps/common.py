@@ -95,9 +95,14 @@ class LoadedModel:
     dtype: torch.dtype
     scheduler_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # the pipeline's own scheduler config, read once: generate() swaps pipe.scheduler while it
+        # runs, so a concurrent request reading the live one would inherit another request's settings
+        self._scheduler_config = dict(self.pipe.scheduler.config)
+
     @property
     def base_scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
+        return dict(self._scheduler_config)
 
 
 _MODEL_CACHE: dict[tuple, LoadedModel] = {}
