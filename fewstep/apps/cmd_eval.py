@@ -26,14 +26,39 @@ import sys
 import time
 from pathlib import Path
 
+from .options import (
+    DIGITS,
+    HelpFormatter,
+    add_device_option,
+    add_parser,
+    add_threads_option,
+    apply_threads,
+    check_threads,
+)
+
 __all__ = ["register", "run_eval"]
 
-DIGITS = "digits"
+DESCRIPTION = """\
+FID, KID, CLIP score and FD-digits of generated images (GEN, REF: an image folder, a .zip, a .npz of
+reference statistics, or 'digits' for the held-out test digits).
+
+examples:
+  fewstep eval fid GEN REF
+  fewstep eval kid GEN REF.npz            # REF.npz must hold features (stats --keep-features)
+  fewstep eval clip GEN --prompts FILE --clip-model DIR
+  fewstep eval fd-digits GEN [--labels FILE]
+  fewstep eval stats SRC OUT.npz          # reference statistics, computed once and reused
+
+Every metric runs under accelerate launch (e.g. accelerate launch --num_processes 2 -m
+fewstep.apps.cli eval clip ...): the images are sharded across processes and the result equals a
+single-process run up to float32 round-off; only the main process prints or writes.
+"""
 
 
 def _common(p: argparse.ArgumentParser, inception: bool = True) -> None:
-    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+    add_device_option(p, choices=("auto", "cpu", "cuda"))
+    add_threads_option(p)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding/resizing")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable/non-image files (default: stop and list them)"
@@ -62,34 +87,43 @@ def _common(p: argparse.ArgumentParser, inception: bool = True) -> None:
         )
 
 
+class _MetricParser(argparse.ArgumentParser):
+    """The metric subparsers, with fewstep's help formatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def register(subparsers) -> None:
     """Add the ``eval`` command and its sub-commands to the top-level CLI."""
-    ev = subparsers.add_parser(
-        "eval",
-        help="FID / KID / CLIP score / FD-digits",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = ev.add_subparsers(dest="metric", metavar="METRIC")
+    ev = add_parser(subparsers, "eval", help="FID / KID / CLIP score / FD-digits", description=DESCRIPTION)
+    sub = ev.add_subparsers(dest="metric", metavar="METRIC", parser_class=_MetricParser)
     ev.set_defaults(func=lambda a: (ev.print_help(), 2)[1])
 
-    p = sub.add_parser("fid", help="Frechet Inception Distance between GEN and REF")
+    p = sub.add_parser("fid", help="Frechet Inception Distance between GEN and REF",
+                       description="Frechet Inception Distance between GEN and REF (Heusel et al. 2017), with "
+                       "the FID Inception network of pytorch-fid/torch-fidelity.")
     p.add_argument("gen", help="folder | .zip | .npz statistics | digits")
     p.add_argument("ref", help="folder | .zip | .npz statistics | digits")
     _common(p)
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("kid", help="Kernel Inception Distance between GEN and REF")
-    p.add_argument("gen")
-    p.add_argument("ref")
-    p.add_argument("--subsets", type=int, default=100)
+    p = sub.add_parser("kid", help="Kernel Inception Distance between GEN and REF",
+                       description="Kernel Inception Distance between GEN and REF (Binkowski et al. 2018): the "
+                       "mean and std of the unbiased MMD over random subsets.")
+    p.add_argument("gen", help="folder | .zip | .npz with features | digits")
+    p.add_argument("ref", help="folder | .zip | .npz with features | digits")
+    p.add_argument("--subsets", type=int, default=100, help="number of random subsets")
     p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller number of images (with a note)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
     _common(p)
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("clip", help="CLIP score of GEN images against prompts")
-    p.add_argument("gen")
+    p = sub.add_parser("clip", help="CLIP score of GEN images against prompts",
+                       description="CLIP score of GEN images against their prompts: max(mean(100 cos), 0), as "
+                       "torchmetrics' CLIPScore.")
+    p.add_argument("gen", help="folder | .zip of generated images")
     p.add_argument(
         "--prompts", required=True, help="text file, one prompt per image in sorted file order; or JSON {file: prompt}"
     )
@@ -99,8 +133,10 @@ def register(subparsers) -> None:
     _common(p, inception=False)
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("fd-digits", help="Frechet distance on digits-classifier features + accuracy")
-    p.add_argument("gen")
+    p = sub.add_parser("fd-digits", help="Frechet distance on digits-classifier features + accuracy",
+                       description="FD-digits: the Frechet distance between GEN and the held-out test digits on "
+                       "the bundled classifier's features, and the classifier's accuracy on the intended labels.")
+    p.add_argument("gen", help="folder | .zip of generated digits (a fewstep sample folder works as is)")
     p.add_argument(
         "--labels",
         default=None,
@@ -110,8 +146,10 @@ def register(subparsers) -> None:
     _common(p, inception=False)
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("stats", help="compute and save reference statistics (.npz) of a folder, zip or digits")
-    p.add_argument("src")
+    p = sub.add_parser("stats", help="compute and save reference statistics (.npz) of a folder, zip or digits",
+                       description="Compute the Inception statistics (mu, sigma) of SRC once and save them as a "
+                       ".npz to reuse as REF.")
+    p.add_argument("src", help="folder | .zip | digits")
     p.add_argument("out", help="output .npz (mu, sigma, n, meta)")
     p.add_argument("--keep-features", action="store_true", help="also store the features (needed as a KID reference)")
     _common(p)
@@ -368,6 +406,9 @@ def run_eval(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_threads(args.threads)
+    # the digits classifier is tiny (threads do not pay off); Inception and CLIP are not
+    apply_threads(args.threads, tiny=args.metric == "fd-digits")
     from fewstep.device import launched_processes
 
     with launched_processes(args.device) as (device, acc):

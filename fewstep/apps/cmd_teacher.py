@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_parser
+
 
 def _load_config(path: str | None, key: str) -> dict | None:
     if path is None:
@@ -47,29 +49,25 @@ def _run_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add the ``train-teacher`` and ``train-classifier`` subcommands to ``subparsers``."""
-    p = subparsers.add_parser(
-        "train-teacher",
-        help="retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
-        description="Train the class-conditional digits UNet (v-prediction, CFG label dropout) and "
-        "write digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.",
-    )
+def _add_common(p, work_dir: str) -> None:
     p.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults built in")
     p.add_argument("--seed", type=int, default=None, help="override the config seed")
+    p.add_argument("--work-dir", default=work_dir, help="checkpoint folder (resume)")
+    p.add_argument("--output-dir", default=None, help="where to write the weights (default: the package's weights/)")
+
+
+def register(subparsers) -> None:
+    """Add the ``train-teacher`` and ``train-classifier`` subcommands to ``subparsers``."""
+    p = add_parser(subparsers, "train-teacher", help="retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
+                   description="Train the class-conditional digits UNet (v-prediction, CFG label dropout) and "
+                   "write digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.")
+    _add_common(p, "out/train_teacher")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.add_argument("--work-dir", default="out/train_teacher", help="checkpoint folder (resume)")
-    p.add_argument("--output-dir", default=None, help="where to write the weights (default: package weights/)")
     p.set_defaults(func=_run_teacher)
 
-    c = subparsers.add_parser(
-        "train-classifier",
-        help="retrain the bundled digits classifier used by FD-digits",
-        description="Train the digits CNN classifier and write digits_classifier.safetensors + JSON.",
-    )
-    c.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults built in")
-    c.add_argument("--seed", type=int, default=None, help="override the config seed")
+    c = add_parser(subparsers, "train-classifier", help="retrain the bundled digits classifier used by FD-digits",
+                   description="Train the digits CNN classifier and write digits_classifier.safetensors + JSON. "
+                   "Interrupted runs resume from --work-dir.")
+    _add_common(c, "out/train_classifier")
     c.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    c.add_argument("--work-dir", default="out/train_classifier", help="checkpoint folder (resume)")
-    c.add_argument("--output-dir", default=None, help="where to write the weights (default: package weights/)")
     c.set_defaults(func=_run_classifier)
