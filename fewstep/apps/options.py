@@ -40,6 +40,8 @@ class HelpFormatter(argparse.HelpFormatter):
         no_default = default is None or default is False or default is argparse.SUPPRESS or default == []
         if "default" in text or no_default or action.required or not action.option_strings:
             return text
+        if text.endswith(")"):  # "name (see --list-x)" -> "name (see --list-x; default: y)"
+            return f"{text[:-1]}; default: {default})"
         return f"{text} (default: {default})"
 
 

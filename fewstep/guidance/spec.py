@@ -145,6 +145,8 @@ class GuidanceSpec:
 
     method: str
     params: dict[str, Any]
+    #: how the spec is called in error messages (``"--guidance"`` on the command line)
+    name: str = field(default="guidance", compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -175,7 +177,7 @@ class GuidanceSpec:
         try:
             return cls(**self.params)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"guidance {self.text!r}: {err}") from None
+            raise ValueError(f"{self.name} {self.text!r}: {err}") from None
 
 
 def _convert(p: Param, raw: str, label: str):
@@ -228,7 +230,7 @@ def parse_guidance(spec: str | None, name: str = "guidance", validate: bool = Tr
     missing = [p.name for p in method.params if p.default is None and p.name not in params]
     if missing:
         raise ValueError(f"{label}: {method.name} needs {', '.join(missing)} (e.g. {method.name}:{method.example})")
-    out = GuidanceSpec(method.name, params)
+    out = GuidanceSpec(method.name, params, name)
     if method.name == "cfg" and out.scale < 0:
         raise ValueError(f"{label}: cfg scale must be >= 0, got {out.scale}")
     if validate:
