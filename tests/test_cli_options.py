@@ -31,6 +31,7 @@ def _probe(*argv) -> tuple[int, str, str]:
     return int(last.split()[1]), last.split()[3], proc.stderr
 
 
+@pytest.mark.slow  # ten CLI subprocesses
 @pytest.mark.parametrize("argv, message", [
     (["sample"], "--out DIR is required"),
     (["sample", "--out", "X", "--scheduler", "nope"], "scheduler 'nope' is unknown"),
@@ -51,6 +52,7 @@ def test_argument_errors_come_before_torch_is_imported(argv, message, tmp_path):
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_help_and_listings_import_nothing_heavy():
     for argv in (["--help"], ["sample", "--help"], ["eval", "fid", "--help"], ["sample", "--list-guidance"],
                  ["sample", "--list-schedulers"]):

@@ -93,6 +93,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_demo_in_headless_chromium(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the Python playwright package is not installed")
