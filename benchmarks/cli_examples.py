@@ -19,12 +19,13 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_io import save_json
 
 from fewstep.apps.cli import main as cli
 from fewstep.guidance.spec import GUIDANCE_METHODS
@@ -96,10 +97,7 @@ def main(argv=None) -> dict:
                           "fewstep eval fd-digits (360 held-out test digits); one row per setting",
               "seeds": args.seeds, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
               "command": "python benchmarks/cli_examples.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    save_json(args.out, result)
     return result
 
 

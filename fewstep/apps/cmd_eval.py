@@ -97,60 +97,46 @@ def register(subparsers) -> None:
     ev = add_parser(subparsers, "eval", help="FID / KID / CLIP score / FD-digits", description=DESCRIPTION)
     sub = ev.add_subparsers(dest="metric", metavar="METRIC", parser_class=_MetricParser)
     ev.set_defaults(func=lambda a: (ev.print_help(), 2)[1])
+    inception_of: dict[argparse.ArgumentParser, bool] = {}
 
-    p = sub.add_parser("fid", help="Frechet Inception Distance between GEN and REF",
-                       description="Frechet Inception Distance between GEN and REF (Heusel et al. 2017), with "
-                       "the FID Inception network of pytorch-fid/torch-fidelity.")
-    p.add_argument("gen", help="folder | .zip | .npz statistics | digits")
-    p.add_argument("ref", help="folder | .zip | .npz statistics | digits")
-    _common(p)
-    p.set_defaults(func=run_eval)
+    def metric(name: str, help: str, description: str, inception: bool = True, **positionals: str):
+        p = sub.add_parser(name, help=help, description=description)
+        for arg, text in positionals.items():
+            p.add_argument(arg, help=text)
+        inception_of[p] = inception
+        return p
 
-    p = sub.add_parser("kid", help="Kernel Inception Distance between GEN and REF",
-                       description="Kernel Inception Distance between GEN and REF (Binkowski et al. 2018): the "
-                       "mean and std of the unbiased MMD over random subsets.")
-    p.add_argument("gen", help="folder | .zip | .npz with features | digits")
-    p.add_argument("ref", help="folder | .zip | .npz with features | digits")
+    sides = "folder | .zip | .npz statistics | digits"
+    metric("fid", "Frechet Inception Distance between GEN and REF", "Frechet Inception Distance between GEN and "
+           "REF (Heusel et al. 2017), with the FID Inception network of pytorch-fid/torch-fidelity.",
+           gen=sides, ref=sides)
+    sides = "folder | .zip | .npz with features | digits"
+    p = metric("kid", "Kernel Inception Distance between GEN and REF", "Kernel Inception Distance between GEN and "
+               "REF (Binkowski et al. 2018): the mean and std of the unbiased MMD over random subsets.",
+               gen=sides, ref=sides)
     p.add_argument("--subsets", type=int, default=100, help="number of random subsets")
     p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller number of images (with a note)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
-    _common(p)
-    p.set_defaults(func=run_eval)
-
-    p = sub.add_parser("clip", help="CLIP score of GEN images against prompts",
-                       description="CLIP score of GEN images against their prompts: max(mean(100 cos), 0), as "
-                       "torchmetrics' CLIPScore.")
-    p.add_argument("gen", help="folder | .zip of generated images")
-    p.add_argument(
-        "--prompts", required=True, help="text file, one prompt per image in sorted file order; or JSON {file: prompt}"
-    )
-    p.add_argument(
-        "--clip-model", required=True, help="local CLIP model directory (transformers CLIPModel + CLIPProcessor)"
-    )
-    _common(p, inception=False)
-    p.set_defaults(func=run_eval)
-
-    p = sub.add_parser("fd-digits", help="Frechet distance on digits-classifier features + accuracy",
-                       description="FD-digits: the Frechet distance between GEN and the held-out test digits on "
-                       "the bundled classifier's features, and the classifier's accuracy on the intended labels.")
-    p.add_argument("gen", help="folder | .zip of generated digits (a fewstep sample folder works as is)")
-    p.add_argument(
-        "--labels",
-        default=None,
-        help="file with one intended label per image (sorted order); "
-        "default: a digit folder name or a '<d>_' filename prefix",
-    )
-    _common(p, inception=False)
-    p.set_defaults(func=run_eval)
-
-    p = sub.add_parser("stats", help="compute and save reference statistics (.npz) of a folder, zip or digits",
-                       description="Compute the Inception statistics (mu, sigma) of SRC once and save them as a "
-                       ".npz to reuse as REF.")
-    p.add_argument("src", help="folder | .zip | digits")
-    p.add_argument("out", help="output .npz (mu, sigma, n, meta)")
+    p = metric("clip", "CLIP score of GEN images against prompts", "CLIP score of GEN images against their prompts: "
+               "max(mean(100 cos), 0), as torchmetrics' CLIPScore.", inception=False,
+               gen="folder | .zip of generated images")
+    p.add_argument("--prompts", required=True,
+                   help="text file, one prompt per image in sorted file order; or JSON {file: prompt}")
+    p.add_argument("--clip-model", required=True,
+                   help="local CLIP model directory (transformers CLIPModel + CLIPProcessor)")
+    p = metric("fd-digits", "Frechet distance on digits-classifier features + accuracy", "FD-digits: the Frechet "
+               "distance between GEN and the held-out test digits on the bundled classifier's features, and the "
+               "classifier's accuracy on the intended labels.", inception=False,
+               gen="folder | .zip of generated digits (a fewstep sample folder works as is)")
+    p.add_argument("--labels", default=None, help="file with one intended label per image (sorted order); default: a "
+                   "digit folder name, a '<d>_' filename prefix or a fewstep sample record")
+    p = metric("stats", "compute and save reference statistics (.npz) of a folder, zip or digits", "Compute the "
+               "Inception statistics (mu, sigma) of SRC once and save them as a .npz to reuse as REF.",
+               src="folder | .zip | digits", out="output .npz (mu, sigma, n, meta)")
     p.add_argument("--keep-features", action="store_true", help="also store the features (needed as a KID reference)")
-    _common(p)
-    p.set_defaults(func=run_eval)
+    for p, inception in inception_of.items():
+        _common(p, inception)
+        p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> int:

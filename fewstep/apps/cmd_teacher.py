@@ -27,24 +27,16 @@ def _load_config(path: str | None, key: str) -> dict | None:
     return data[key] if key in data else data
 
 
-def _run_teacher(args: argparse.Namespace) -> int:
-    from fewstep.models.train import train_teacher
+def _train(args: argparse.Namespace, model: str, override: str) -> int:
+    """``train-teacher`` / ``train-classifier``: the config (``--config``'s ``model`` key or the whole
+    file), ``--steps``/``--epochs`` on top, then :mod:`fewstep.models.train`."""
+    from fewstep.models import train
 
-    config = _load_config(args.config, "teacher") or {}
-    if args.steps is not None:
-        config = {**config, "steps": args.steps}
-    record = train_teacher(config, seed=args.seed, work_dir=args.work_dir, output_dir=args.output_dir)
-    print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
-    return 0
-
-
-def _run_classifier(args: argparse.Namespace) -> int:
-    from fewstep.models.train import train_classifier
-
-    config = _load_config(args.config, "classifier") or {}
-    if args.epochs is not None:
-        config = {**config, "epochs": args.epochs}
-    record = train_classifier(config, seed=args.seed, work_dir=args.work_dir, output_dir=args.output_dir)
+    config = _load_config(args.config, model) or {}
+    if getattr(args, override) is not None:
+        config = {**config, override: getattr(args, override)}
+    record = getattr(train, f"train_{model}")(config, seed=args.seed, work_dir=args.work_dir,
+                                              output_dir=args.output_dir)
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
     return 0
 
@@ -63,11 +55,11 @@ def register(subparsers) -> None:
                    "write digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.")
     _add_common(p, "out/train_teacher")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.set_defaults(func=_run_teacher)
+    p.set_defaults(func=lambda args: _train(args, "teacher", "steps"))
 
     c = add_parser(subparsers, "train-classifier", help="retrain the bundled digits classifier used by FD-digits",
                    description="Train the digits CNN classifier and write digits_classifier.safetensors + JSON. "
                    "Interrupted runs resume from --work-dir.")
     _add_common(c, "out/train_classifier")
     c.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    c.set_defaults(func=_run_classifier)
+    c.set_defaults(func=lambda args: _train(args, "classifier", "epochs"))

@@ -10,7 +10,7 @@
 The old names still import from here, with a ``DeprecationWarning``.
 """
 
-from .._deprecation import moved_names
+from .._imports import moved_names
 
 
 def _at(module: str, *names: str) -> dict[str, str]:

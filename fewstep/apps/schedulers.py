@@ -4,7 +4,7 @@
 warns; import from ``fewstep.samplers.registry`` instead.
 """
 
-from .._deprecation import moved_names
+from .._imports import moved_names
 
 _NEW = "fewstep.samplers.registry"
 __getattr__ = moved_names(__name__, {

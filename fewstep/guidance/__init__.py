@@ -19,7 +19,7 @@ The names load on first use (``fewstep.guidance.spec`` needs no torch, for the C
 
 from __future__ import annotations
 
-import importlib
+from .._imports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(("Guidance", "GuidanceContext", "scheduler_alpha_sigma", "scheduler_prediction_type",
@@ -33,10 +33,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

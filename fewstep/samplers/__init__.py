@@ -6,7 +6,7 @@ names, read by the ``fewstep`` CLI before it validates arguments) loads without 
 
 from __future__ import annotations
 
-import importlib
+from .._imports import lazy_exports
 
 _EXPORTS = {
     "DPMSolverPPScheduler": ".dpmpp",
@@ -28,10 +28,4 @@ __all__ = [
     "threshold_x0",
 ]
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
