@@ -6,7 +6,7 @@ names, read by the ``fewstep`` CLI before it validates arguments) loads without 
 
 from __future__ import annotations
 
-from .._imports import lazy_exports
+import importlib
 
 _EXPORTS = {
     "DPMSolverPPScheduler": ".dpmpp",
@@ -28,4 +28,9 @@ __all__ = [
     "threshold_x0",
 ]
 
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
