@@ -1,23 +1,12 @@
 """FD-digits: Frechet distance on the bundled digits classifier's features, plus accuracy.
 
-The digits analogue of FID for the small teacher (issue 3): generated 8x8 digits and the
-held-out real digits (``load_digits_split("test")``, 360 images) are embedded with the digits
-classifier's penultimate features (``classifier.features(x)``), and
-:func:`fewstep.eval.frechet.frechet_distance` (float64, eigenvalue method) compares the two
-Gaussians. When the intended labels of the generated images are known, the classifier's
-accuracy on them (argmax of ``classifier(x)``) is reported too.
-
-Image convention (:func:`digits_prepare`): uint8 (C, H, W) or (B, C, H, W) images; channels
-averaged to grey (exact for grey PNGs saved as L or RGB), area-averaged down to 8x8 in float
-(``adaptive_avg_pool2d``: an exact area average when H and W are multiples of 8, e.g. an 8x8
-image upscaled by nearest), then mapped ``[0, 255] -> [-1, 1]`` by ``x / 127.5 - 1`` without
-re-quantising. Float input in [0, 1] is first rounded to uint8 (see
-:func:`fewstep.eval.preprocess.to_uint8`).
-
-Several processes: :class:`DigitsFeatures` runs through the sharded pipeline of
-:func:`fewstep.eval.features.extract_features` (``fewstep eval fd-digits`` under ``accelerate
-launch``), which all-reduces the feature sums and gathers the logits in source order;
-:func:`fd_digits_from_stats` then computes the same FD and accuracy as :func:`fd_digits`.
+:func:`fewstep.eval.frechet.frechet_distance` between the classifier's 128-d penultimate features
+(``classifier.features(x)``) of generated digits and of the 360 held-out test digits
+(``load_digits_split("test")``); with intended labels, also the classifier's accuracy (argmax of
+the logits). Images (:func:`digits_prepare`): uint8 (or float in [0, 1], rounded), averaged to
+grey, area-averaged to 8x8, mapped to [-1, 1] by ``x / 127.5 - 1``. :class:`DigitsFeatures` runs
+the same through the sharded :func:`fewstep.eval.features.extract_features`, and
+:func:`fd_digits_from_stats` finishes it. Guide: docs/evaluation.md, "FD-digits".
 """
 
 from __future__ import annotations

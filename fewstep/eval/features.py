@@ -16,10 +16,9 @@ score as a one-dimensional feature). An *extractor* is an ``nn.Module`` with
 
 Features are returned as float32, or float64 when the extractor returns float64 (CLIP scores).
 
-Under ``accelerate launch`` (or any initialised ``torch.distributed`` group) the images are
-sharded round-robin (rank r takes indices r, r+W, ...), each process extracts its share, the
-float64 running sums are all-reduced and the features (when asked) and extras are gathered back
-into the original order on every process, so every result equals a single-process run.
+Under ``accelerate launch`` (or any ``torch.distributed`` group) rank r of W takes images r, r+W,
+...; the float64 sums are all-reduced and features and extras gathered back in source order, so
+results equal a single-process run (docs/evaluation.md, "Several GPUs or processes").
 """
 
 from __future__ import annotations

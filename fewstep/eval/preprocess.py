@@ -1,23 +1,18 @@
 """Image preprocessing for the FID Inception network: quantisation and resize to 299 px.
 
-Two modes, each matching a published tool bit for bit in what it does to the pixels:
+Two modes, then ``(x - 128) / 128``:
 
 ``"tf"`` (default)
-    TensorFlow 1 ``tf.image.resize_bilinear(align_corners=False)`` (the "asymmetric" pixel
-    mapping ``src = dst * in/out``, no half-pixel centres, no antialiasing) in float32, then
-    ``(x - 128) / 128``. This is what the original TTUR FID, NVlabs StyleGAN2-ADA/StyleGAN3/EDM
-    (their TorchScript ``grid_sample`` emulation), torch-fidelity and torchmetrics with
-    ``antialias=False`` do; eval.md section 3 measured NVlabs and TF1-emulation features identical.
-    It is *not* torchmetrics 1.9's default (``antialias=True``), which differs by FID ~4 for
-    non-299 inputs.
+    TensorFlow 1 ``tf.image.resize_bilinear(align_corners=False)`` in float32: ``src = dst * in/out``,
+    no half-pixel centres, no antialiasing (TTUR FID, NVlabs, torch-fidelity, torchmetrics with
+    ``antialias=False``).
 ``"clean"``
-    clean-fid's ``mode="clean"``: PIL bicubic resize of each channel as a float (mode ``"F"``)
-    image, clipped to [0, 255] and not re-quantised, then ``(x - 128) / 128``.
+    clean-fid's ``mode="clean"``: PIL bicubic per channel as a float (``"F"``) image, clipped to
+    [0, 255], not re-quantised.
 
-Inputs are uint8 images in [0, 255]. Float images are accepted in [0, 1] and quantised by
-*rounding* ``round(x * 255)`` (what diffusers' ``numpy_to_pil`` and NVlabs' ``x*127.5+128``
-clamp do), not by truncation as torchmetrics' ``normalize=True`` does (eval.md section 3:
-truncation alone shifts FID by ~0.34).
+Inputs are uint8 in [0, 255]; float images in [0, 1] are quantised by rounding ``round(x * 255)``,
+not truncated. Which tools each mode matches and how much the choices move FID:
+docs/evaluation.md, "Preprocessing".
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def can_slice(c: Any, batch: int) -> bool:
 # the base class
 # ------------------------------------------------------------------------------------------------
 class Guidance:
-    """Base class of guidance rules (DESIGN.md, "Guidance").
+    """Base class of guidance rules (protocol: docs/guidance.md; architecture: docs/design.md).
 
     Subclasses implement :meth:`guide` (combine a full batch of conditional and unconditional
     raw outputs) and may override :meth:`needs_uncond` (per-sample: does this step need the
