@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.guidance import APG, CFG, AdaptiveGuidance, CFGPlusPlus, LinearAG, fit_linear_ag
+from fewstep.guidance import APG, CFG, AdaptiveGuidance, CFGPlusPlus, LinearAG, cfg_combine, fit_linear_ag
 from fewstep.sample import sample
 from fewstep.samplers import DPMSolverPPScheduler
 from fewstep.schedule import to_x0_eps
@@ -180,7 +180,7 @@ def main():
             a, sg = al[i]
             a_n, s_n = al[i - 1]
             ec, eu = eps_pair(x, i)
-            eg = eu + k * (ec - eu)
+            eg = cfg_combine(ec, eu, k)
             if mode == "cfg":
                 x0 = (x - sg * eg) / a
                 x = a_n * x0 + s_n * eg
@@ -191,7 +191,7 @@ def main():
             a, sg = al[i]
             a_n, s_n = al[i + 1]
             ec, eu = eps_pair(x, i)
-            eg = eu + k * (ec - eu)
+            eg = cfg_combine(ec, eu, k)
             x0 = (x - sg * eg) / a
             x = a_n * x0 + s_n * (eg if mode == "cfg" else eu)
         return rmse(x / al[len(ts) - 1][0], real)
