@@ -136,7 +136,7 @@ def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, call
 def load_teacher():
     """The digits teacher as ``model(x, t, c) -> v`` plus its scheduler config (a dict)."""
     from fewstep.models import load_digits_pipeline
-    from fewstep.models.denoiser import denoiser
+    from fewstep.models.adapters import denoiser
     from fewstep.models.pipeline import NULL_CLASS, load_digits_scheduler_config
 
     config = dict(load_digits_scheduler_config())

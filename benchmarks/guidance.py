@@ -79,7 +79,7 @@ def main():
 
     from fewstep.eval.fd_digits import fd_digits
     from fewstep.models import load_digits_pipeline, load_digits_split
-    from fewstep.models.denoiser import denoiser
+    from fewstep.models.adapters import denoiser
     from fewstep.models.pipeline import NULL_CLASS
 
     pipe = load_digits_pipeline()

@@ -23,7 +23,7 @@ import torch
 from fewstep.eval.fd_digits import fd_digits
 from fewstep.guidance import LinearAG, fit_linear_ag
 from fewstep.models import load_digits_pipeline
-from fewstep.models.denoiser import denoiser
+from fewstep.models.adapters import denoiser
 from fewstep.models.pipeline import NULL_CLASS
 from fewstep.sample import sample
 from fewstep.samplers import DPMSolverPPScheduler

@@ -128,3 +128,24 @@ def test_sample_applies_threads(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert rc == 2 and seen == [1]
+
+
+def test_docs_cli_md_names_every_option():
+    """docs/cli.md is the option reference: every option of every command appears in it."""
+    import argparse
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, prefix + [name])
+            elif action.option_strings and "--help" not in action.option_strings:
+                if f"`{action.option_strings[-1]}" not in text:
+                    missing.append(" ".join(prefix + [action.option_strings[-1]]))
+
+    walk(build_parser(), [])
+    assert not missing, f"options missing from docs/cli.md: {missing}"

@@ -61,7 +61,7 @@ def _placement(args: argparse.Namespace, device) -> dict:
 
 def _resolve(args: argparse.Namespace, device=None):
     """-> (model(x, t, c), scheduler_config, data, cond, uncond, model_id); UNets are moved to ``device``."""
-    from ..models.denoiser import denoiser
+    from ..models.adapters import denoiser
 
     if args.model == "digits":
         import torch

@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..guidance.linear_ag import fit_linear_ag
-    from ..models.denoiser import denoiser
+    from ..models.adapters import denoiser
     from ..models.pipeline import NULL_CLASS, load_digits_pipeline
     from ..samplers import DPMSolverPPScheduler
 

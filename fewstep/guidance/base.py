@@ -324,7 +324,7 @@ class Guidance:
         samples ``m`` that :meth:`needs_uncond` selects (all of them, a sub-batch when the
         conditions can be sliced, or none), then combines them. When every sample needs both
         branches and the model has ``evaluate_pair(x, t, cond, uncond) -> (out_cond, out_uncond)``
-        (:class:`fewstep.models.denoiser.Denoiser` does), the two run as one batched call.
+        (:class:`fewstep.models.adapters.Denoiser` does), the two run as one batched call.
 
         Returns ``(out, renoise_eps, used)``: the guided raw output for ``scheduler.step``, the
         CFG++ renoise ``eps`` or None, and the number of model evaluations made.

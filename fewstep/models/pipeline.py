@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .denoiser import denoiser
+from .adapters import denoiser
 from .digits import NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -78,7 +78,7 @@ class DigitsPipeline(DiffusionPipeline):
     scheduler contract: ``set_timesteps``, ``timesteps``, ``init_noise_sigma``,
     ``scale_model_input`` and ``step`` (``generator`` is passed to ``step`` only when its signature
     accepts one, so ancestral/SDE schedulers are reproducible). The loop is :func:`fewstep.sample`
-    over :func:`fewstep.models.denoiser.denoiser` ``(unet, null_class=10)``.
+    over :func:`fewstep.models.adapters.denoiser` ``(unet, null_class=10)``.
 
     Guidance convention (diffusers' ``guidance_scale`` ``w``; Ho & Salimans 2022, "Classifier-Free
     Diffusion Guidance", eq. 6 written as ``uncond + w (cond - uncond)``): for ``w > 1`` the model

@@ -6,8 +6,7 @@ from diffusers import DDIMScheduler
 
 import fewstep
 from fewstep.guidance import APG, CFG, CFGPlusPlus
-from fewstep.models import load_digits_pipeline
-from fewstep.models.denoiser import denoiser
+from fewstep.models import denoiser, load_digits_pipeline
 from fewstep.models.pipeline import NULL_CLASS
 from fewstep.samplers import DPMSolverPPScheduler
 
