@@ -9,6 +9,7 @@ installed package's ``fewstep/models/weights``, overwriting the shipped files).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -41,25 +42,28 @@ def _train(args: argparse.Namespace, model: str, override: str) -> int:
     return 0
 
 
-def _add_common(p, work_dir: str) -> None:
-    p.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults built in")
-    p.add_argument("--seed", type=int, default=None, help="override the config seed")
-    p.add_argument("--work-dir", default=work_dir, help="checkpoint folder (resume)")
-    p.add_argument("--output-dir", default=None, help="where to write the weights (default: the package's weights/)")
+# model -> (command, help, description, the option that sets the training length, its help)
+_COMMANDS = {
+    "teacher": ("train-teacher", "retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
+                "Train the class-conditional digits UNet (v-prediction, CFG label dropout) and write "
+                "digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.",
+                "steps", "override the number of training steps"),
+    "classifier": ("train-classifier", "retrain the bundled digits classifier used by FD-digits",
+                   "Train the digits CNN classifier and write digits_classifier.safetensors + JSON. "
+                   "Interrupted runs resume from --work-dir.",
+                   "epochs", "override the number of epochs"),
+}
 
 
 def register(subparsers) -> None:
     """Add the ``train-teacher`` and ``train-classifier`` subcommands to ``subparsers``."""
-    p = add_parser(subparsers, "train-teacher", help="retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
-                   description="Train the class-conditional digits UNet (v-prediction, CFG label dropout) and "
-                   "write digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.")
-    _add_common(p, "out/train_teacher")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.set_defaults(func=lambda args: _train(args, "teacher", "steps"))
-
-    c = add_parser(subparsers, "train-classifier", help="retrain the bundled digits classifier used by FD-digits",
-                   description="Train the digits CNN classifier and write digits_classifier.safetensors + JSON. "
-                   "Interrupted runs resume from --work-dir.")
-    _add_common(c, "out/train_classifier")
-    c.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    c.set_defaults(func=lambda args: _train(args, "classifier", "epochs"))
+    for model, (name, help, description, length, length_help) in _COMMANDS.items():
+        p = add_parser(subparsers, name, help=help, description=description)
+        p.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults "
+                       "built in")
+        p.add_argument("--seed", type=int, default=None, help="override the config seed")
+        p.add_argument(f"--{length}", type=int, default=None, help=length_help)
+        p.add_argument("--work-dir", default=f"out/train_{model}", help="checkpoint folder (resume)")
+        p.add_argument("--output-dir", default=None, help="where to write the weights (default: the package's "
+                       "weights/)")
+        p.set_defaults(func=functools.partial(_train, model=model, override=length))
