@@ -24,18 +24,23 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], objec
     return __getattr__
 
 
-def moved_names(old_module: str, moves: dict[str, str]) -> Callable[[str], object]:
+def moved_names(old_module: str, moves: dict[str, str],
+                instead: dict[str, str] | None = None) -> Callable[[str], object]:
     """A ``__getattr__`` for ``old_module`` whose names moved: ``moves`` maps each old name to
     ``"new.module:new_name"``. Reading a moved name imports it from its new home and issues a
-    ``DeprecationWarning`` naming both paths."""
+    ``DeprecationWarning`` naming both paths, or, for names in ``instead``, the replacement given
+    there (an old-signature function kept for old callers names the new API, not its shim)."""
 
     def __getattr__(name: str):
         target = moves.get(name)
         if target is None:
             raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
         module, _, attr = target.partition(":")
-        warnings.warn(f"{old_module}.{name} moved to {module}.{attr}; import it from there "
-                      f"(the old path will be removed)", DeprecationWarning, stacklevel=2)
+        if instead and name in instead:
+            message = f"{old_module}.{name} is deprecated; use {instead[name]}"
+        else:
+            message = f"{old_module}.{name} moved to {module}.{attr}; import it from there"
+        warnings.warn(f"{message} (the old path will be removed)", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), attr)
 
     return __getattr__

@@ -9,24 +9,33 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "COMMON_CONFIG": ".config",
+    "EDM_CONFIG": ".config",
+    "OPTIONAL_CONFIG": ".config",
     "DPMSolverPPScheduler": ".dpmpp",
     "DPMSolverV3Scheduler": ".dpm_v3",
     "EMS": ".ems",
-    "compute_ems": ".ems",
+    "compute_ems": ".ems_estimate",
     "FewstepScheduler": ".scheduler",
     "FewstepSchedulerOutput": ".scheduler",
+    "noise_schedule_of": "..schedule",
     "threshold_x0": ".scheduler",
 }
 
 __all__ = [
+    "COMMON_CONFIG",
+    "EDM_CONFIG",
+    "OPTIONAL_CONFIG",
     "DPMSolverPPScheduler",
     "DPMSolverV3Scheduler",
     "EMS",
     "compute_ems",
     "FewstepScheduler",
     "FewstepSchedulerOutput",
+    "noise_schedule_of",
     "threshold_x0",
 ]
+
 
 def __getattr__(name: str):
     if name in _EXPORTS:

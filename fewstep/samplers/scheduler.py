@@ -17,10 +17,8 @@ checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited f
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,23 +27,16 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import (
-    EDM_PREDICTION_TYPES,
-    EDM_SIGMA_SCHEDULES,
     FLOW_SCHEDULER_CLASSES,
-    GRID_KINDS,
-    PREDICTION_TYPES,
-    SCHEDULE_KINDS,
     Grid,
     NoiseSchedule,
-    _check_choice,
-    check_power,
-    edm_preconditioning,
     is_cosine_dpm_config,
     is_edm_config,
     is_flow_matching_config,
     make_grid,
     to_x0_eps,
 )
+from .config import check_config, karras_rho
 
 
 @dataclass
@@ -130,105 +121,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _setup(self) -> None:
         """Validate the config and build the noise schedule; called at the end of ``__init__``."""
         c = self.config
-        order = getattr(c, "solver_order", None)
-        if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
-            raise ValueError(f"solver_order={order!r} is not supported; allowed: 1, 2, 3")
-        if float(getattr(c, "karras_rho", 7.0)) <= 0:
-            raise ValueError(f"karras_rho must be > 0, got {c.karras_rho}")
-        check_power("timestep_power", getattr(c, "timestep_power", 2.0))
-        _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
-        _check_choice("final_sigmas_type", c.final_sigmas_type, ("zero", "sigma_min"))
-        flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_lu_lambdas, getattr(c, "use_beta_sigmas", False)]
-        if sum(bool(f) for f in flags) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive"
-            )
-        if getattr(c, "use_beta_sigmas", False):
-            raise ValueError("use_beta_sigmas is not supported by fewstep; use timestep_spacing='karras' or 'logsnr'")
-        _check_choice("timestep_spacing", c.timestep_spacing, GRID_KINDS)
-        if c.variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log"):
-            raise ValueError(f"variance_type={c.variance_type!r} is not supported")
-        kind = getattr(c, "schedule_kind", None)
-        _check_choice("schedule_kind", kind, (None,) + SCHEDULE_KINDS)
-        if getattr(c, "sigma_schedule", None) is not None:
-            _check_choice("sigma_schedule", c.sigma_schedule, EDM_SIGMA_SCHEDULES)
-        if getattr(c, "rho", None) is not None and not float(c.rho) > 0:
-            raise ValueError(f"rho must be > 0, got {c.rho}")
+        check_config(c)
         cfg = dict(c)
-        if c.use_flow_sigmas:
-            if kind not in (None, "flow"):
-                raise ValueError(f"use_flow_sigmas=True contradicts schedule_kind={kind!r}")
+        if c["use_flow_sigmas"]:
             cfg["schedule_kind"] = "flow"
         self.schedule = NoiseSchedule.from_config(cfg)
-        if self.schedule.kind == "flow" and c.prediction_type not in ("flow_prediction", "epsilon", "sample"):
-            raise ValueError(f"prediction_type={c.prediction_type!r} is not meaningful with flow sigmas")
-        if self.schedule.kind == "edm":
-            self._setup_edm()
-        if self.schedule.kind == "discrete":
+        self.schedule.check_prediction_type(c["prediction_type"])
+        resolved = self.schedule.scheduler_config(c, self._rho)
+        if resolved:  # so a saved config states them (from_config drops keys that were defaults)
+            self.register_to_config(**resolved)
+        if self.schedule.alphas_cumprod is not None:
             self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
-        # EDM: x_T ~ N(0, sigma_max^2 I), Karras et al. 2022 Alg. 1-2 (diffusers: sqrt(sigma_max^2 + 1))
-        self.init_noise_sigma = 1.0 if self.schedule.kind != "edm" else float(self.schedule.sigma_max)
+        self.init_noise_sigma = self.schedule.init_noise_sigma
         # default state before set_timesteps: every training timestep, like diffusers
-        if self.schedule.kind == "edm":  # diffusers: the sigma_schedule grid with num_train_timesteps points
-            grid = make_grid(self.schedule, self.schedule.num_train_timesteps, self.grid_spacing, rho=self._rho)
-        else:
-            t_all = np.arange(self.schedule.num_train_timesteps, dtype=np.float64)[::-1].copy()
-            if self.schedule.kind == "flow":
-                t_all = t_all + 1.0
-            grid = Grid(t_all, self.schedule.alpha(t_all), self.schedule.sigma(t_all))
-        self._install(grid, device=None)
+        self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
         self.num_inference_steps = None
-
-    def _setup_edm(self) -> None:
-        """Validate the parts of the config an EDM schedule reads (Karras et al. 2022): the
-        prediction type names the sign of ``c_out`` (Table 1; see
-        :func:`fewstep.schedule.edm_preconditioning`), the grid is ``sigma_schedule`` (``karras``,
-        Eq. 5 with ``rho``, or ``exponential``, uniform in ``log sigma``)."""
-        c = self.config
-        if c.prediction_type not in EDM_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type={c.prediction_type!r} is not supported with an EDM schedule; allowed: "
-                "'epsilon' (EDM's F, Karras et al. 2022 Eq. 7), 'v_prediction'"
-            )
-        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"):
-            if getattr(c, flag, False):
-                raise ValueError(f"{flag}=True does not apply to an EDM schedule; choose the grid with sigma_schedule")
-        # store the resolved EDM values, so a saved config states them and diffusers' EDM
-        # schedulers can load it (from_config drops keys that were defaults in the source config)
-        self.register_to_config(
-            schedule_kind="edm",
-            sigma_min=self.schedule.sigma_min,
-            sigma_max=self.schedule.sigma_max,
-            sigma_data=self.schedule.sigma_data,
-            sigma_schedule=getattr(c, "sigma_schedule", None) or "karras",
-            rho=self._rho,
-        )
-
-    @property
-    def _edm_sigma_data(self) -> float | None:
-        """``sigma_data`` of the EDM preconditioning, or None for VP and flow schedules."""
-        return self.schedule.sigma_data if self.schedule.kind == "edm" else None
 
     @property
     def _rho(self) -> float:
         """The Karras exponent: EDM's ``rho`` when set, else ``karras_rho``."""
-        rho = getattr(self.config, "rho", None)
-        return float(getattr(self.config, "karras_rho", 7.0) if rho is None else rho)
+        return karras_rho(self.config)
 
     @property
     def grid_spacing(self) -> str:
         """The effective step-grid kind after mapping diffusers' boolean flags onto it (EDM:
         ``sigma_schedule``, default ``karras`` as in diffusers)."""
-        c = self.config
-        if self.schedule.kind == "edm":
-            return getattr(c, "sigma_schedule", None) or "karras"
-        if c.use_karras_sigmas:
-            return "karras"
-        if c.use_lu_lambdas:
-            return "logsnr"
-        if c.use_exponential_sigmas:
-            return "exponential"
-        return c.timestep_spacing
+        return self.schedule.grid_spacing(self.config)
 
     # ---------------------------------------------------------------------- timesteps
     def set_timesteps(
@@ -255,23 +173,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if sum(given) != 1:
             raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`")
         if mu is not None:
-            if self.schedule.kind != "flow":
-                raise ValueError("`mu` (dynamic shifting) only applies to flow-matching schedules")
-            self.schedule.shift = float(math.exp(mu))
+            self.schedule.set_dynamic_shift(mu)
         c = self.config
-        if timesteps is not None and self.schedule.kind == "edm":  # c_noise -> sigma
-            sigmas, timesteps = self.schedule.t_of_model_time(np.asarray(timesteps, dtype=np.float64)), None
+        explicit = {"sigmas": sigmas} if sigmas is not None else {}
+        if timesteps is not None:  # model times (EDM: c_noise values)
+            explicit = self.schedule.grid_request(timesteps)
         grid = make_grid(
             self.schedule,
             num_inference_steps,
             self.grid_spacing,
-            steps_offset=int(getattr(c, "steps_offset", 0) or 0),
+            steps_offset=int(c["steps_offset"] or 0),
             rho=self._rho,
-            final_sigma=c.final_sigmas_type,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            round_timesteps=bool(getattr(c, "round_timesteps", True)) and self.schedule.kind == "discrete",
-            power=float(getattr(c, "timestep_power", 2.0)),
+            final_sigma=c["final_sigmas_type"],
+            round_timesteps=self._rounds_timesteps,
+            power=float(c["timestep_power"]),
+            **explicit,
         )
         grid = self._plan(grid, num_inference_steps)
         self._install(grid, device)
@@ -285,19 +201,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._sigmas = np.asarray(grid.sigmas, dtype=np.float64)
         with np.errstate(divide="ignore"):
             self._lambdas = np.log(self._alphas) - np.log(self._sigmas)
-        kind = self.schedule.kind
-        if kind == "discrete" and bool(getattr(self.config, "round_timesteps", True)):
-            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.int64)
-            public = self._sigmas / self._alphas
-        elif kind == "discrete":
-            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
-            public = self._sigmas / self._alphas
-        else:
-            model_t = self.schedule.model_time(np.asarray(grid.timesteps, dtype=np.float64))
-            self.timesteps = torch.from_numpy(np.asarray(model_t)).to(device=device, dtype=torch.float32)
-            public = self._sigmas if kind == "flow" else self._sigmas / self._alphas
-        self.sigmas = torch.from_numpy(public.astype(np.float32))
+        model_t = self.schedule.model_time(np.asarray(grid.timesteps, dtype=np.float64))
+        dtype = torch.int64 if self._rounds_timesteps else torch.float32
+        self.timesteps = torch.from_numpy(np.asarray(model_t)).to(device=device, dtype=dtype)
+        self.sigmas = torch.from_numpy(self.schedule.public_sigmas(self._alphas, self._sigmas).astype(np.float32))
         self.num_inference_steps = len(grid.timesteps)
+
+    @property
+    def _rounds_timesteps(self) -> bool:
+        """Model times are rounded to integers (diffusers' discrete schedulers; ``round_timesteps``)."""
+        return self.schedule.integer_times and bool(self.config["round_timesteps"])
 
     def _plan(self, grid: Grid, num_inference_steps: int | None) -> Grid:
         """Hook: turn the step grid into the list of evaluation points (default: unchanged)."""
@@ -357,16 +270,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ``timestep`` (a ``c_noise`` value of ``timesteps``) when none is set yet. Keeps
         ``sample``'s dtype.
         """
-        if self.schedule.kind != "edm":
+        if self.schedule.sigma_data is None:  # not a preconditioned (EDM) network
             return sample
         if self._step_index is None and self._begin_index is None and timestep is not None:
             self._init_step_index(timestep)
         i = self._current_index()
-        c_in = edm_preconditioning(self._sigmas[i] / self._alphas[i], self.schedule.sigma_data)[2]
-        return sample * float(c_in)
+        return sample * self.schedule.c_in(self._alphas[i], self._sigmas[i])
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.config["num_train_timesteps"]
 
     def alpha_sigma(self, index: int | None = None) -> tuple[float, float]:
         """``(alpha, sigma)`` of grid point ``index`` (default: the current step) as floats."""
@@ -451,14 +363,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step called {i + 1} times but the grid has {len(self.timesteps)} steps")
         c = self.config
         out = model_output
-        if c.variance_type in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
+        if c["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
             out = out[:, : sample.shape[1]]
         if out.shape != sample.shape:
             raise ValueError(
                 f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
                 f"at step {i}"
             )
-        if getattr(c, "check_finite", True) and not bool(torch.isfinite(out).all()):
+        if c["check_finite"] and not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"model output at step {i} (timestep {float(self.timesteps[i])}) contains NaN or inf"
             )
@@ -466,9 +378,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         x = sample.to(work)
         out32 = out.to(work)
         a_s, s_s = self._alphas[i], self._sigmas[i]
-        x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type, sigma_data=self._edm_sigma_data)
-        if c.thresholding:
-            x0 = threshold_x0(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        x0, eps = to_x0_eps(out32, x, a_s, s_s, c["prediction_type"], sigma_data=self.schedule.sigma_data)
+        if c["thresholding"]:
+            x0 = threshold_x0(x0, c["dynamic_thresholding_ratio"], c["sample_max_value"])
         if renoise_eps is not None:
             if not getattr(self, "supports_renoise", False):
                 raise ValueError(f"{type(self).__name__} does not support the CFG++ renoise protocol")
@@ -494,6 +406,3 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Move ``x`` from grid point ``i`` to ``i + 1`` given the data prediction ``x0`` at ``i``."""
         raise NotImplementedError
-
-    def _describe(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
-        return {"timesteps": self.timesteps.tolist(), "sigmas": self.sigmas.tolist()}
