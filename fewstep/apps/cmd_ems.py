@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..device import launched_processes
-    from ..samplers.ems import compute_ems
+    from ..samplers import compute_ems
 
     with launched_processes(args.device, name="--device") as (device, acc):
         model, config, data, cond, uncond, model_id = _resolve(args, device)
