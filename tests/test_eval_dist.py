@@ -22,6 +22,8 @@ from fewstep.eval.frechet import FeatureStats
 from fewstep.eval.images import FileImageSource
 from fewstep.eval.inception import InceptionFeatures
 
+pytestmark = pytest.mark.slow  # multi-process launches (~11 s each)
+
 
 def _launch_two(*cli_args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` 2 CPU processes of ``python -m fewstep.apps.cli CLI_ARGS``."""

@@ -467,3 +467,15 @@ def test_bad_inputs_raise_clear_errors():
     for kw, msg in cases:
         with pytest.raises((ValueError, TypeError), match=msg):
             MomentumScheduler(**kw)
+
+
+def test_from_config_explicit_momentum_number_replaces_the_inherited_beta():
+    """Switching a heavy-ball config (beta 0.8) to ``momentum_number=3.5`` used to raise (3.5 says
+    beta 0.5, the inherited config said 0.8): the explicit number carries its own beta."""
+    hb = MomentumScheduler(method="hb", base="plms", beta=0.8)
+    s = MomentumScheduler.from_config(hb.config, method="ghvb", momentum_number=3.5)
+    assert (s.momentum_order, s.momentum_beta) == (4, 0.5)
+    s = MomentumScheduler.from_config(hb.config, momentum_number=3.5)  # same method (hb), new number
+    assert (s.config.method, s.momentum_order, s.momentum_beta) == ("hb", 4, 0.5)
+    with pytest.raises(ValueError, match="contradicts beta"):
+        MomentumScheduler.from_config(hb.config, momentum_number=3.5, beta=0.8)

@@ -223,11 +223,14 @@ class MomentumScheduler(FewstepScheduler):
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """:meth:`FewstepScheduler.from_config`, plus: a ``method`` in ``config`` that is not a
         momentum method (DPMSolverPPScheduler's ``"multistep"``) is dropped, and when ``kwargs``
-        names a different ``method`` than ``config``, the source's momentum keywords go with it."""
+        names a different ``method`` than ``config``, the source's momentum keywords go with it; an
+        explicit ``momentum_number`` replaces the source's ``beta`` too (it carries its own beta)."""
         if isinstance(config, dict) and "method" in config:
             src = config.get("method")
             if src not in METHODS or ("method" in kwargs and kwargs["method"] != src):
                 config = {k: v for k, v in config.items() if k not in ("method", "momentum_number", "base", "beta")}
+        if isinstance(config, dict) and "momentum_number" in kwargs and "beta" not in kwargs:
+            config = {k: v for k, v in config.items() if k != "beta"}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ---------------------------------------------------------------------- state
