@@ -479,3 +479,32 @@ def test_from_config_explicit_momentum_number_replaces_the_inherited_beta():
     assert (s.config.method, s.momentum_order, s.momentum_beta) == ("hb", 4, 0.5)
     with pytest.raises(ValueError, match="contradicts beta"):
         MomentumScheduler.from_config(hb.config, momentum_number=3.5, beta=0.8)
+
+
+def test_registry_short_names_build_momentum_and_take_overrides(tmp_path):
+    """``ghvb``, ``hb-dpmpp``, ``hb-plms4`` and ``ghvb-ab-karras`` build the intended momentum
+    schedulers on a pipeline's own config; ``--scheduler-config momentum_number=3.8`` reaches GHVB,
+    and the CLI samples with it."""
+    import json
+
+    from fewstep.apps.cli import main
+    from fewstep.samplers.registry import make_scheduler
+
+    base = DPMSolverPPScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config
+    cases = {"ghvb": ("ghvb", "plms", 3, 0.5), "hb-dpmpp": ("hb", "dpmpp", 2, 0.8),
+             "hb-plms4": ("hb", "plms", 4, 0.8), "ghvb-ab-karras": ("ghvb", "ab", 4, 0.5)}
+    for name, (method, mbase, order, beta) in cases.items():
+        s = make_scheduler(name, base)
+        assert (s.config.method, s.momentum_base, s.momentum_order, s.momentum_beta) == (method, mbase, order, beta)
+        assert s.config.prediction_type == "v_prediction"
+    s = make_scheduler("ghvb", base, {"momentum_number": 3.8})
+    assert (s.momentum_order, s.momentum_beta) == (4, pytest.approx(0.8))
+    s = make_scheduler("hb-dpmpp", make_scheduler("ghvb", base).config)  # no leak from the previous preset
+    assert (s.config.method, s.momentum_base, s.momentum_beta) == ("hb", "dpmpp", 0.8)
+    out = tmp_path / "ghvb"
+    rc = main(["sample", "--model", "digits", "--scheduler", "ghvb", "--scheduler-config", "momentum_number=3.8",
+               "--steps", "6", "--guidance", "cfg:5", "--labels", "3,7", "--n", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["settings"]["scheduler"] == "ghvb" and record["nfe"] == 12

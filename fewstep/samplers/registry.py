@@ -14,7 +14,7 @@ from outside the package)::
 
     SchedulerEntry("hb-dpmpp", "fewstep.samplers.MomentumScheduler",
                    "DPM-Solver++(2M) with heavy-ball momentum (Wizadwongsa et al., ICLR 2024)",
-                   {"method": "hb-dpmpp", "momentum": 0.8})
+                   {"method": "hb", "base": "dpmpp", "beta": 0.8})
 
 * ``name``: lower-case, words joined by ``-``; variants of one solver share a prefix
   (``dpmpp-2m``, ``dpmpp-2m-karras``), diffusers' own classes used for comparison end in
@@ -92,6 +92,7 @@ class SchedulerEntry:
 
 
 _PP = "fewstep.samplers.DPMSolverPPScheduler"
+_MOM = "fewstep.samplers.MomentumScheduler"
 
 #: The built-in short names, in display order.
 SCHEDULERS: tuple[SchedulerEntry, ...] = (
@@ -123,6 +124,17 @@ SCHEDULERS: tuple[SchedulerEntry, ...] = (
     SchedulerEntry("dpmpp-2m-diffusers", "diffusers.DPMSolverMultistepScheduler",
                    "diffusers DPMSolverMultistepScheduler (2M), to compare with fewstep's dpmpp-2m",
                    {"solver_order": 2, "algorithm_type": "dpmsolver++"}),
+    # momentum presets set all four momentum keywords, so a previous momentum config cannot leak in
+    SchedulerEntry("ghvb", _MOM, "generalized heavy-ball momentum, GHVB 2.5 (order 3, beta 0.5) for high CFG "
+                   "(override momentum_number=..., e.g. 3.8)",
+                   {"method": "ghvb", "base": "plms", "momentum_number": 2.5, "beta": None}),
+    SchedulerEntry("hb-dpmpp", _MOM, "DPM-Solver++(2M) with heavy-ball momentum, beta 0.8 (official ADM setting)",
+                   {"method": "hb", "base": "dpmpp", "momentum_number": None, "beta": 0.8}),
+    SchedulerEntry("hb-plms4", _MOM, "PLMS4 with heavy-ball momentum, beta 0.8 (override beta=...)",
+                   {"method": "hb", "base": "plms", "momentum_number": 4, "beta": 0.8}),
+    SchedulerEntry("ghvb-ab-karras", _MOM, "GHVB 3.5 on variable-step Adams-Bashforth weights and Karras sigmas "
+                   "(SD-like schedules at high CFG)",
+                   {"method": "ghvb", "base": "ab", "momentum_number": 3.5, "beta": None, "use_karras_sigmas": True}),
     SchedulerEntry("dpm-v3", "fewstep.samplers.DPMSolverV3Scheduler",
                    "DPM-Solver-v3 (order 2 + corrector) with empirical model statistics "
                    "(--scheduler-config ems=PATH|digits)", {"solver_order": 2}),
