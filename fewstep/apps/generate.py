@@ -24,7 +24,8 @@ from .images import auto_upscale, to_pil_list, upscale
 from .loading import LoadedModel, digits_ems_for
 from .options import MAX_STEPS, check_positive, check_seed, check_steps, parse_labels
 
-# generation touches shared pipeline objects (scheduler swap, guidance hook): one at a time
+# generation with a diffusers pipeline touches shared pipeline objects (scheduler swap, guidance hook): one at
+# a time. The digits teacher runs on a per-request pipeline around the shared (read-only) UNet: no lock.
 _GENERATE_LOCK = threading.RLock()
 
 
@@ -97,7 +98,7 @@ def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, gu
     gen = torch.Generator("cpu").manual_seed(seed)
     images: list = []
     nfe = 0
-    with _GENERATE_LOCK:
+    with contextlib.nullcontext() if model.kind == "digits" else _GENERATE_LOCK:
         t0 = time.perf_counter()
         for start in range(0, n, batch_size):
             chunk = conds[start:start + batch_size]
@@ -175,16 +176,17 @@ def _swapped(pipe, scheduler, progress: bool):
 def _run_digits(model: LoadedModel, sched, steps: int, gspec: GuidanceSpec, labels: list, gen: torch.Generator,
                 progress: bool, negative_prompt: str | None = None) -> tuple[list, int]:
     """Digits: the noise of this batch from ``gen``, then ``DigitsPipeline`` (:func:`fewstep.sample`)
-    with the guidance object, or plain CFG at the spec's scale."""
-    pipe = model.pipe
-    unet = pipe.unet
+    with the guidance object, or plain CFG at the spec's scale. The pipeline is this request's own
+    (the shared UNet with this request's scheduler), so concurrent requests share nothing mutable."""
+    unet = model.pipe.unet
+    pipe = type(model.pipe)(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=not progress)
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     noise = torch.randn((len(labels), unet.config.in_channels, *size), generator=gen, dtype=torch.float32)
     noise = noise.to(model.device, model.dtype)
-    with _swapped(pipe, sched, progress):
-        out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale, guidance=gspec.build(),
-                   generator=gen, latents=noise, output_type="pt")
+    out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale, guidance=gspec.build(),
+               generator=gen, latents=noise, output_type="pt")
     return to_pil_list(out.images), int(out.nfe)
 
 
