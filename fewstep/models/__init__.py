@@ -7,6 +7,8 @@ Public API (imported lazily, so ``import fewstep.models`` is cheap):
   teacher as a diffusers pipeline, loaded offline from package data.
 - :func:`load_digits_classifier` -- the shipped classifier whose penultimate features define
   FD-digits.
+- :class:`DigitsStudentPipeline`, :class:`GuidanceUNet2DModel` -- distilled consistency students
+  (``load_digits_pipeline(student="cd" | "lcm")``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ _EXPORTS = {
     "load_digits_pipeline": ".pipeline",
     "load_digits_classifier": ".classifier",
     "DigitsClassifier": ".classifier",
+    "DigitsStudentPipeline": ".students",
+    "GuidanceUNet2DModel": ".students",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -227,8 +227,14 @@ def load_digits_scheduler_config() -> dict:
     return json.loads(SCHEDULER_CONFIG.read_text())
 
 
-def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> DigitsPipeline:
+def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None,
+                         student: str | None = None) -> DigitsPipeline:
     """Load the shipped digits teacher as a :class:`DigitsPipeline`, offline.
+
+    ``student``: ``None`` for the teacher, or the name of a shipped distilled student (``"cd"``,
+    ``"lcm"``), returned as a :class:`fewstep.models.students.DigitsStudentPipeline` that is called
+    the same way and samples with the student's own consistency sampler (see
+    :func:`fewstep.models.students.load_digits_student_pipeline` for ``scheduler`` there).
 
     ``scheduler``: ``None`` (diffusers ``DPMSolverMultistepScheduler``, DPM-Solver++(2M), built from
     the shipped config -- a good deterministic few-step default), a scheduler class (instantiated
@@ -238,6 +244,10 @@ def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> 
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    if student is not None:
+        from .students import load_digits_student_pipeline
+
+        return load_digits_student_pipeline(student, device=device, scheduler=scheduler)
     unet = load_digits_teacher_unet(device)
     config = load_digits_scheduler_config()
     if scheduler is None:
