@@ -381,33 +381,41 @@ class PipelineSource(Source):
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     def export(self, name: str, model: torch.nn.Module, out_dir: Path, scheduler_config: dict, info: dict) -> Path:
-        """LoRA students: ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format
-        (``pipe.load_lora_weights(out_dir)`` on the original pipeline, then ``LCMScheduler``).
-        Full students: a complete pipeline folder (the teacher's components with the student UNet and
-        an ``LCMScheduler`` for ``"lcm"`` boundary scalings, else the fewstep ``ConsistencyScheduler``)."""
+        """Write the student into ``out_dir`` (plus ``distill.json``, the training record):
+
+        * LoRA students: ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format, for
+          ``pipe.load_lora_weights(out_dir)`` on the original pipeline with ``LCMScheduler``;
+        * students with ``"lcm"`` boundary scalings: a complete pipeline folder (the teacher's class and
+          components, the student UNet, an ``LCMScheduler``), loadable with ``DiffusionPipeline.from_pretrained``;
+          a UNet with ``time_cond_proj_dim`` gets its guidance embedding from the SD/SDXL pipelines themselves;
+        * other students (``"cm"`` scalings): ``unet/`` and ``scheduler/`` (a fewstep ``ConsistencyScheduler``),
+          used as ``Pipeline.from_pretrained(teacher, unet=UNet2DConditionModel.from_pretrained(out/'unet'),
+          scheduler=ConsistencyScheduler.from_pretrained(out/'scheduler'))`` (diffusers cannot import a
+          fewstep scheduler from a ``model_index.json``).
+        """
         from diffusers import LCMScheduler
+
+        from .consistency import ConsistencyScheduler
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "distill.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         if any("lora_" in n for n, _ in model.named_parameters()):
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers = get_peft_model_state_dict(model)  # peft key format, which load_lora_weights reads
             type(self.pipe).save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
             return out_dir
-        from .consistency import ConsistencyScheduler
-
+        unet = copy.deepcopy(model).eval().requires_grad_(False).to(self._fp32_teacher.dtype)
         if scheduler_config.get("boundary") == "lcm":
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                     "prediction_type", "timestep_scaling", "original_inference_steps", "clip_sample")
             scheduler = LCMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config})
-        else:
-            scheduler = ConsistencyScheduler(**scheduler_config)
-        unet = copy.deepcopy(model).eval().requires_grad_(False).to(self._fp32_teacher.dtype)
-        pipe = type(self.pipe)(**{**self.pipe.components, "unet": unet, "scheduler": scheduler})
-        pipe.save_pretrained(str(out_dir))
+            pipe = type(self.pipe)(**{**self.pipe.components, "unet": unet, "scheduler": scheduler})
+            pipe.save_pretrained(str(out_dir))
+            return out_dir
+        unet.save_pretrained(str(out_dir / "unet"))
+        ConsistencyScheduler(**scheduler_config).save_pretrained(str(out_dir / "scheduler"))
         return out_dir
 
 

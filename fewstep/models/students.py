@@ -95,10 +95,9 @@ class GuidanceUNet2DModel(ModelMixin, ConfigMixin):
         old = self.unet.time_embedding
         self.unet.time_embedding = _CondTimestepEmbedding(
             old.linear_1.in_features, old.linear_2.out_features, cond_proj_dim=time_cond_proj_dim)
-
-    @property
-    def sample_size(self):
-        return self.unet.config.sample_size
+        # what pipelines read from ``unet.config`` (not __init__ arguments: from_config ignores them)
+        uc = self.unet.config
+        self.register_to_config(sample_size=uc.sample_size, in_channels=uc.in_channels, out_channels=uc.out_channels)
 
     @classmethod
     def from_teacher(cls, teacher: UNet2DModel, time_cond_proj_dim: int = 64) -> "GuidanceUNet2DModel":
@@ -108,7 +107,8 @@ class GuidanceUNet2DModel(ModelMixin, ConfigMixin):
         if unexpected or missing != ["time_embedding.cond_proj.weight"]:
             raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
         torch.nn.init.zeros_(model.unet.time_embedding.cond_proj.weight)
-        return model.to(device=teacher.device, dtype=teacher.dtype)
+        model = model.to(teacher.device)
+        return model if teacher.dtype == torch.float32 else model.to(teacher.dtype)
 
     def forward(self, sample, timestep, class_labels=None, timestep_cond=None, return_dict: bool = True):
         emb = self.unet.time_embedding
