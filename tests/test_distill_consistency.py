@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, LatentConsistencyModelPipeline
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from fewstep.distill.consistency import (
     ConsistencyScheduler,

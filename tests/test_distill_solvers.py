@@ -107,8 +107,8 @@ def test_scheduler_solver():
     tf = torch.tensor([600.0] * 4 + [300.0] * 4, dtype=torch.float64)
     both = teacher_solve("scheduler", teacher, X, tf, tf - 80, S, "v_prediction", 4, second)
     for sl, a in ((slice(0, 4), 600), (slice(4, 8), 300)):
-        one = teacher_solve("scheduler", lambda x, t, r, sl=sl: MODEL(x, t, LABELS[sl][r]), X[sl], *_times(a, a - 80, 4),
-                            S, "v_prediction", 4, second)
+        one = teacher_solve("scheduler", lambda x, t, r, sl=sl: MODEL(x, t, LABELS[sl][r]), X[sl],
+                            *_times(a, a - 80, 4), S, "v_prediction", 4, second)
         torch.testing.assert_close(both[sl], one)
 
 
