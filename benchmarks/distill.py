@@ -74,20 +74,49 @@ STUDENTS: dict[str, tuple[Callable, tuple[int, ...], float]] = {
 TARGETS = {"CD": {"one_step_ratio": 1.5, "four_step_ratio": 1.15}, "LCM": {"four_step_ratio": 1.15}}
 
 
-def _teacher_samplers(config: dict) -> dict[str, Callable]:
+def _teacher_samplers(config: dict) -> dict[str, tuple[Callable, Callable | None]]:
+    """name -> (scheduler factory, grid or None): ``grid(n)`` gives explicit model times (the tuned grids of
+    benchmarks/dpm_v3_grid_search.py, snapped to the digits EMS, the best few-step settings found there)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    from dpm_v3_grid_search import grid_fn
 
-    from fewstep.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
+    from fewstep.samplers import EMS, DPMSolverPPScheduler, DPMSolverV3Scheduler
+    from fewstep.samplers.ems import resolve_ems_path
+    from fewstep.schedule import NoiseSchedule
 
+    tuned = grid_fn(EMS.load(resolve_ems_path("digits")), NoiseSchedule.from_config(config), "logsnr", lo=-3.0, hi=2.5)
     return {
-        "DDIM": lambda: DDIMScheduler.from_config(config),
-        "diffusers DPM++2M": lambda: DPMSolverMultistepScheduler.from_config(config, solver_order=2),
-        "diffusers UniPC bh2": lambda: UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type="bh2"),
-        "fewstep DPM++2M power1.3": lambda: DPMSolverPPScheduler.from_config(
-            config, solver_order=2, timestep_spacing="time_power", timestep_power=1.3),
-        "fewstep v3 o2 trailing (EMS)": lambda: DPMSolverV3Scheduler.from_config(
-            config, ems="digits", solver_order=2, timestep_spacing="trailing"),
+        "DDIM": (lambda: DDIMScheduler.from_config(config), None),
+        "diffusers DPM++2M": (lambda: DPMSolverMultistepScheduler.from_config(config, solver_order=2), None),
+        "diffusers UniPC bh2": (lambda: UniPCMultistepScheduler.from_config(config, solver_order=2,
+                                                                            solver_type="bh2"), None),
+        "fewstep DPM++2M power1.3": (lambda: DPMSolverPPScheduler.from_config(
+            config, solver_order=2, timestep_spacing="time_power", timestep_power=1.3), None),
+        "fewstep DPM++2M logsnr[-3,2.5]": (lambda: DPMSolverPPScheduler.from_config(
+            config, solver_order=2, round_timesteps=False), tuned),
+        "fewstep v3 o2 trailing (EMS)": (lambda: DPMSolverV3Scheduler.from_config(
+            config, ems="digits", solver_order=2, timestep_spacing="trailing"), None),
+        "fewstep v3 o2 logsnr[-3,2.5] (EMS)": (lambda: DPMSolverV3Scheduler.from_config(
+            config, ems="digits", solver_order=2), tuned),
     }
+
+
+def _teacher_generate(unet, factory, grid, labels, noise, steps, chunk=500) -> tuple[torch.Tensor, int, float]:
+    """Unguided teacher samples with ``fewstep.sample`` (the loop a pipeline runs), on an explicit grid when
+    given; images in [0, 1] as the pipeline returns them."""
+    from fewstep.sample import sample
+
+    def model(x, t, c):
+        return unet(x, torch.as_tensor(t).reshape(-1).expand(x.shape[0]), class_labels=c).sample
+
+    out, nfe, t0 = [], 0, time.time()
+    with torch.inference_mode():
+        for i in range(0, len(labels), chunk):
+            sched = factory()
+            kw = {"timesteps": grid(steps)} if grid is not None else {"num_inference_steps": steps}
+            x, nfe = sample(model, noise[i:i + chunk], sched, cond=labels[i:i + chunk], **kw)
+            out.append((x.float().clamp(-1, 1) + 1) / 2)
+    return torch.cat(out), nfe, time.time() - t0
 
 
 def _noise(n: int, seed: int) -> torch.Tensor:
@@ -135,18 +164,17 @@ def run_floor(n, seeds, extractor, reference) -> dict:
 
 
 def run_teacher(n, seeds, nfes, extractor, reference, progress=print) -> dict:
-    from fewstep.models import load_digits_pipeline
+    from fewstep.models.pipeline import load_digits_scheduler_config, load_digits_teacher_unet
 
-    pipe = load_digits_pipeline()
-    config = dict(pipe.scheduler.config)
+    unet = load_digits_teacher_unet()
+    samplers = _teacher_samplers(load_digits_scheduler_config())
     labels = torch.arange(10).repeat_interleave(n // 10)
-    settings = [(name, k) for name in _teacher_samplers(config) for k in nfes] + [REFERENCE]
+    settings = [(name, k) for name in samplers for k in nfes] + [REFERENCE]
     rows = {}
     for name, steps in settings:
         fds, accs, secs = [], [], []
         for seed in seeds:
-            pipe.scheduler = _teacher_samplers(config)[name]()
-            imgs, nfe, sec = _generate(pipe, labels, _noise(n, seed), steps, 1.0, seed)
+            imgs, nfe, sec = _teacher_generate(unet, *samplers[name], labels, _noise(n, seed), steps)
             fd, acc = _score(imgs, labels, extractor, reference)
             fds.append(fd)
             accs.append(acc)
