@@ -89,6 +89,19 @@ class Source:
         raise NotImplementedError
 
     def build_student(self, kind: str, time_cond_proj_dim: int = 64, lora: dict | None = None) -> torch.nn.Module:
+        """A trainable student initialised from the (fp32) teacher: ``"copy"``, ``"guidance"`` (plus a
+        zero-initialised guidance-scale input of ``time_cond_proj_dim``) or ``"lora"`` (``lora``: rank,
+        alpha, targets, dropout; only the adapters train)."""
+        base = self._fp32_teacher
+        if kind == "copy":
+            return _trainable(copy.deepcopy(base))
+        if kind == "guidance":
+            return _trainable(self._guidance_student(base, int(time_cond_proj_dim)))
+        if kind == "lora":
+            return self._lora(copy.deepcopy(base), lora)
+        raise ValueError(f"student kind {kind!r} is not supported; allowed: 'copy', 'guidance', 'lora'")
+
+    def _guidance_student(self, base: torch.nn.Module, dim: int) -> torch.nn.Module:
         raise NotImplementedError
 
     def export(self, name: str, model: torch.nn.Module, out_dir: Path, scheduler_config: dict, info: dict) -> Path:
@@ -163,17 +176,10 @@ class DigitsSource(Source):
             kwargs["timestep_cond"] = timestep_cond.to(dtype)
         return model(x.to(dtype), t, **kwargs).sample.to(x.dtype)
 
-    def build_student(self, kind: str, time_cond_proj_dim: int = 64, lora: dict | None = None) -> torch.nn.Module:
+    def _guidance_student(self, base, dim: int):
         from fewstep.models.students import GuidanceUNet2DModel
 
-        base = self._fp32_teacher
-        if kind == "copy":
-            return _trainable(copy.deepcopy(base))
-        if kind == "guidance":
-            return _trainable(GuidanceUNet2DModel.from_teacher(base, time_cond_proj_dim))
-        if kind == "lora":
-            return self._lora(copy.deepcopy(base), lora)
-        raise ValueError(f"student kind {kind!r} is not supported; allowed: 'copy', 'guidance', 'lora'")
+        return GuidanceUNet2DModel.from_teacher(base, dim)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model-range samples -> images in [0, 1] (B, 1, 8, 8), as the pipeline outputs them."""
@@ -356,23 +362,17 @@ class PipelineSource(Source):
             kwargs["timestep_cond"] = timestep_cond.to(dtype)
         return model(x.to(dtype), t, **kwargs).sample.to(x.dtype)
 
-    def build_student(self, kind: str, time_cond_proj_dim: int = 256, lora: dict | None = None) -> torch.nn.Module:
+    def _guidance_student(self, base, dim: int):
+        """``UNet2DConditionModel`` with ``time_cond_proj_dim`` (as diffusers' LCM script), teacher weights,
+        the new projection zero-initialised."""
         from diffusers import UNet2DConditionModel
 
-        base = self._fp32_teacher
-        if kind == "copy":
-            return _trainable(copy.deepcopy(base))
-        if kind == "guidance":
-            cfg = {**dict(base.config), "time_cond_proj_dim": int(time_cond_proj_dim)}
-            student = UNet2DConditionModel.from_config(cfg)
-            missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
-            if unexpected or missing != ["time_embedding.cond_proj.weight"]:
-                raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
-            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-            return _trainable(student.to(self.device))
-        if kind == "lora":
-            return self._lora(copy.deepcopy(base), lora)
-        raise ValueError(f"student kind {kind!r} is not supported; allowed: 'copy', 'guidance', 'lora'")
+        student = UNet2DConditionModel.from_config({**dict(base.config), "time_cond_proj_dim": dim})
+        missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
+        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+            raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        return student.to(self.device)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
