@@ -678,7 +678,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         for r in teacher:
             for k, v in r.items():
                 if k.endswith("/fd"):
-                    ax.axhline(v, color="k", ls="--", lw=0.8, label=f"teacher {k.split('/')[0]}")
+                    label = k.split("/")[0].replace("teacher_ddim", "teacher DDIM-")
+                    ax.axhline(v, color="k", ls="--", lw=0.8, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title("FD-digits (fixed noise)")
