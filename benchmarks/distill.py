@@ -46,6 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_NFE = (1, 2, 4, 8)
 REFERENCE = ("DDIM", 50)
+GUIDED_REFERENCE = 2.0  # also the teacher's DDIM-50 at this guidance scale, for the guided LCM rows
 
 
 def _student(name: str, scheduler=None):
@@ -53,6 +54,16 @@ def _student(name: str, scheduler=None):
         from fewstep.models import load_digits_pipeline
 
         return load_digits_pipeline(student=name, scheduler=scheduler)
+
+    return load
+
+
+def _run_student(final_dir: str, name: str):
+    """A student exported by a training run (``RUN/final``) that is not shipped."""
+    def load():
+        from fewstep.models.students import load_digits_student_pipeline
+
+        return load_digits_student_pipeline(name, weights_dir=final_dir)
 
     return load
 
@@ -68,6 +79,8 @@ STUDENTS: dict[str, tuple[Callable, tuple[int, ...], float]] = {
     "CD": (_student("cd"), STUDENT_STEPS, 1.0),
     "LCM": (_student("lcm"), STUDENT_STEPS, 1.0),
     "LCM (diffusers LCMScheduler)": (_lcm_scheduler, STUDENT_STEPS, 1.0),
+    "LCM, guidance 2": (_student("lcm"), STUDENT_STEPS, 2.0),
+    "LCM-LoRA r16 (run, not shipped)": (_run_student("out/runs/lcm_lora_digits/final", "lcm_lora"), STUDENT_STEPS, 1.0),
 }
 
 #: student name -> the method whose targets apply to it
@@ -101,9 +114,11 @@ def _teacher_samplers(config: dict) -> dict[str, tuple[Callable, Callable | None
     }
 
 
-def _teacher_generate(unet, factory, grid, labels, noise, steps, chunk=500) -> tuple[torch.Tensor, int, float]:
-    """Unguided teacher samples with ``fewstep.sample`` (the loop a pipeline runs), on an explicit grid when
-    given; images in [0, 1] as the pipeline returns them."""
+def _teacher_generate(unet, factory, grid, labels, noise, steps, chunk=500, guidance=1.0):
+    """Teacher samples with ``fewstep.sample`` (the loop a pipeline runs), on an explicit grid when given,
+    classifier-free guided when ``guidance > 1`` (null class 10); images in [0, 1] as the pipeline returns
+    them. Returns ``(images, nfe, seconds)``."""
+    from fewstep.models.pipeline import NULL_CLASS
     from fewstep.sample import sample
 
     def model(x, t, c):
@@ -114,7 +129,9 @@ def _teacher_generate(unet, factory, grid, labels, noise, steps, chunk=500) -> t
         for i in range(0, len(labels), chunk):
             sched = factory()
             kw = {"timesteps": grid(steps)} if grid is not None else {"num_inference_steps": steps}
-            x, nfe = sample(model, noise[i:i + chunk], sched, cond=labels[i:i + chunk], **kw)
+            y = labels[i:i + chunk]
+            x, nfe = sample(model, noise[i:i + chunk], sched, cond=y, guidance=guidance if guidance > 1 else None,
+                            uncond=torch.full_like(y, NULL_CLASS), **kw)
             out.append((x.float().clamp(-1, 1) + 1) / 2)
     return torch.cat(out), nfe, time.time() - t0
 
@@ -169,19 +186,20 @@ def run_teacher(n, seeds, nfes, extractor, reference, progress=print) -> dict:
     unet = load_digits_teacher_unet()
     samplers = _teacher_samplers(load_digits_scheduler_config())
     labels = torch.arange(10).repeat_interleave(n // 10)
-    settings = [(name, k) for name in samplers for k in nfes] + [REFERENCE]
+    settings = [(name, k, 1.0) for name in samplers for k in nfes] + [(*REFERENCE, 1.0), (*REFERENCE, GUIDED_REFERENCE)]
     rows = {}
-    for name, steps in settings:
+    for name, steps, w in settings:
         fds, accs, secs = [], [], []
         for seed in seeds:
-            imgs, nfe, sec = _teacher_generate(unet, *samplers[name], labels, _noise(n, seed), steps)
+            imgs, nfe, sec = _teacher_generate(unet, *samplers[name], labels, _noise(n, seed), steps, guidance=w)
             fd, acc = _score(imgs, labels, extractor, reference)
             fds.append(fd)
             accs.append(acc)
             secs.append(sec)
-        rows[f"{name}@{steps}"] = {"sampler": name, "steps": steps, "nfe": nfe, "fd": _agg(fds), "acc": _agg(accs),
-                                   "seconds_per_1000": 1000 * statistics.fmean(secs) / n}
-        progress(f"teacher {name:>30} NFE {nfe:3d}: FD {statistics.fmean(fds):7.3f} +- {_agg(fds)['std']:.3f}")
+        key = f"{name}@{steps}" + (f" w={w:g}" if w != 1.0 else "")
+        rows[key] = {"sampler": name, "steps": steps, "guidance": w, "nfe": nfe, "fd": _agg(fds), "acc": _agg(accs),
+                     "seconds_per_1000": 1000 * statistics.fmean(secs) / n}
+        progress(f"teacher {name:>30} w={w:g} NFE {nfe:3d}: FD {statistics.fmean(fds):7.3f} +- {_agg(fds)['std']:.3f}")
     return rows
 
 
@@ -203,8 +221,9 @@ def run_students(n, seeds, names, extractor, reference, progress=print) -> dict:
                 fds.append(fd)
                 accs.append(acc)
                 secs.append(sec)
-            rows[f"{name}@{steps}"] = {"student": name, "steps": steps, "nfe": nfe, "fd": _agg(fds),
-                                       "acc": _agg(accs), "seconds_per_1000": 1000 * statistics.fmean(secs) / n}
+            rows[f"{name}@{steps}"] = {"student": name, "steps": steps, "guidance": guidance, "nfe": nfe,
+                                       "fd": _agg(fds), "acc": _agg(accs),
+                                       "seconds_per_1000": 1000 * statistics.fmean(secs) / n}
             progress(f"student {name:>30} NFE {nfe:3d}: FD {statistics.fmean(fds):7.3f} +- {_agg(fds)['std']:.3f}")
     return rows
 
@@ -273,10 +292,10 @@ def verdicts(result: dict) -> dict:
                 out[f"{name} {steps}-step FD / teacher DDIM-50 FD <= {t[key]}"] = {
                     "ratio": round(ratio, 3), "student_fd": row["fd"]["mean"], "teacher_fd": ref_fd,
                     "pass": ratio <= t[key]}
-    for name in {r["student"] for r in students.values()}:
+    for name in sorted({r["student"] for r in students.values() if r.get("guidance", 1.0) == 1.0}):
         for steps in STUDENT_STEPS:
             row = students.get(f"{name}@{steps}")
-            cands = [r for r in teacher.values() if r["nfe"] == steps]
+            cands = [r for r in teacher.values() if r["nfe"] == steps and r.get("guidance", 1.0) == 1.0]
             if row is None or not cands:
                 continue
             best = min(cands, key=lambda r: r["fd"]["mean"])
@@ -292,16 +311,18 @@ def print_tables(result: dict) -> None:
 
     n = result["n"]
     print(f"\nFD-digits (N={n}, mean ± std over seeds {result['seeds']}), class accuracy, sampling time")
-    print("| model | sampler | NFE | FD-digits | class acc | s / 1000 images |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | sampler | w | NFE | FD-digits | class acc | s / 1000 images |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     if "floor" in result:
-        print(f"| real train digits (floor) | - | - | {fmt(result['floor']['fd'])} | - | - |")
-    for r in sorted(result.get("teacher", {}).values(), key=lambda r: (r["nfe"], r["fd"]["mean"])):
-        print(f"| teacher | {r['sampler']} | {r['nfe']} | {fmt(r['fd'])} | {100 * r['acc']['mean']:.1f}% | "
-              f"{r['seconds_per_1000']:.2f} |")
+        print(f"| real train digits (floor) | - | - | - | {fmt(result['floor']['fd'])} | - | - |")
+    teacher_rows = sorted(result.get("teacher", {}).values(), key=lambda r: (r.get("guidance", 1), r["nfe"],
+                                                                            r["fd"]["mean"]))
+    for r in teacher_rows:
+        print(f"| teacher | {r['sampler']} | {r.get('guidance', 1.0):g} | {r['nfe']} | {fmt(r['fd'])} | "
+              f"{100 * r['acc']['mean']:.1f}% | {r['seconds_per_1000']:.2f} |")
     for r in sorted(result.get("students", {}).values(), key=lambda r: (r["student"], r["nfe"])):
-        print(f"| {r['student']} | own | {r['nfe']} | {fmt(r['fd'])} | {100 * r['acc']['mean']:.1f}% | "
-              f"{r['seconds_per_1000']:.2f} |")
+        print(f"| {r['student']} | own | {r.get('guidance', 1.0):g} | {r['nfe']} | {fmt(r['fd'])} | "
+              f"{100 * r['acc']['mean']:.1f}% | {r['seconds_per_1000']:.2f} |")
     if result.get("training"):
         print("\n| run | method | steps | batch | wall time (min) | peak RSS (MB) | trainable params |")
         print("|---|---|---:|---:|---:|---:|---:|")

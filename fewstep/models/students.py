@@ -192,6 +192,7 @@ def save_digits_student(name: str, unet: torch.nn.Module, scheduler_config: dict
     state = {k: v.detach().float().contiguous().cpu() for k, v in unet.state_dict().items()}
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)  # package data: readable by everyone
     os.replace(tmp, weights)
     info = {"name": name, "model_class": model_class, "model_config": model_config,
             "scheduler": {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")},
