@@ -51,7 +51,8 @@ def test_student_pipeline_lcm_scheduler_equals_consistency_scheduler():
     unet = GuidanceUNet2DModel.from_teacher(load_digits_teacher_unet(), 16)
     out = []
     with one_thread():
-        for sched in (LCMScheduler.from_config(config), ConsistencyScheduler.from_config({**config, "boundary": "lcm"})):
+        for sched in (LCMScheduler.from_config(config),
+                      ConsistencyScheduler.from_config({**config, "boundary": "lcm"})):
             pipe = DigitsStudentPipeline(unet, sched, guidance_range=(1.0, 3.0))
             res = pipe([1, 5, 7], num_inference_steps=4, guidance_scale=2.0,
                        generator=torch.Generator().manual_seed(3), output_type="pt")
