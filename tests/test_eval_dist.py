@@ -53,6 +53,7 @@ def test_accelerate_two_processes_gather_equals_single_process(tmp_path):
     torch.testing.assert_close(feats, single.features, rtol=0, atol=1e-6)
     two = FeatureStats.load(out)
     assert two.n == 11
+    assert not list(tmp_path.glob("two.npz.partial*"))  # both ranks' checkpoints removed after the write
     torch.testing.assert_close(two.mean, single.stats.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(two.cov, single.stats.cov, rtol=1e-8, atol=1e-10)
 

@@ -122,7 +122,9 @@ def register(subparsers) -> None:
 
 
 def _is_npz(spec: str) -> bool:
-    return spec.lower().endswith(".npz") and Path(spec).is_file()
+    from fewstep.eval.frechet import is_stats_file  # *.npz, or statistics saved under another name
+
+    return is_stats_file(spec)
 
 
 def _first_image_size(spec: str) -> int | None:
@@ -154,9 +156,9 @@ def _source(spec: str, args):
     return open_image_source(spec)
 
 
-def _extract(src, extractor, args, device, keep_features: bool, checkpoint=None):
+def _extract(src, extractor, args, device, keep_features: bool, **kwargs):
     """:func:`fewstep.eval.features.extract_features` with the CLI's options: the one sharded
-    feature pass behind every metric."""
+    feature pass behind every metric (``kwargs``: its checkpoint options)."""
     from fewstep.eval.features import extract_features
 
     return extract_features(
@@ -168,34 +170,38 @@ def _extract(src, extractor, args, device, keep_features: bool, checkpoint=None)
         skip_bad=args.skip_bad,
         keep_features=keep_features,
         progress=not args.no_progress,
-        checkpoint=checkpoint,
+        **kwargs,
     )
 
 
-def _side(spec: str, extractor, args, device, need_features: bool, checkpoint=None):
-    """(FeatureStats, features or None, description, skipped, images per process or None) of one
-    side; ``checkpoint`` makes the feature pass resumable (see
-    :func:`fewstep.eval.features.extract_features`)."""
-    from fewstep.eval.frechet import FeatureStats
+def _open_side(spec: str, args, extractor, need_features: bool):
+    """One side, checked before any feature pass: ``(FeatureStats, features or None)`` of a
+    statistics file (its checks, and against ``extractor``), or an image source whose files are
+    all checked (:func:`fewstep.eval.features.check_images`) and hold at least 2 usable images."""
+    from fewstep.eval.features import check_images
 
     if _is_npz(spec):
-        st = FeatureStats.load(spec)
-        feats = None
-        if need_features:
-            import numpy as np
-            import torch
+        from fewstep.eval.frechet import load_stats
 
-            with np.load(spec) as z:
-                if "feats" not in z:
-                    raise ValueError(
-                        f"{spec} holds no features; KID needs them: "
-                        "recompute with `fewstep eval stats SRC OUT --keep-features`"
-                    )
-                feats = torch.from_numpy(z["feats"])
-        return st, feats, f"statistics {spec}", [], None
+        st, feats = load_stats(spec, need_features)
+        if extractor is not None:
+            st.check_extractor(extractor)
+        return st, feats
     src = _source(spec, args)
-    res = _extract(src, extractor, args, device, need_features, checkpoint)
-    return res.stats, res.features, src.description, res.skipped, res.per_process
+    usable = len(src) - len(check_images(src, skip_bad=args.skip_bad, progress=not args.no_progress))
+    if usable < 2:
+        raise ValueError(f"need at least 2 images to estimate a covariance, {src.description} has {usable}")
+    return src
+
+
+def _side(opened, extractor, args, device, need_features: bool):
+    """(FeatureStats, features or None, description, skipped, images per process or None) of one
+    side opened by :func:`_open_side`."""
+    if isinstance(opened, tuple):
+        st, feats = opened
+        return st, feats, st.origin, [], None
+    res = _extract(opened, extractor, args, device, need_features)
+    return res.stats, res.features, opened.description, res.skipped, res.per_process
 
 
 def _inception(args):
@@ -235,8 +241,10 @@ def _run_fid_kid(args, device, rank, world) -> dict:
     kid = args.metric == "kid"
     # statistics on both sides need no network
     ext = None if (not kid and _is_npz(args.gen) and _is_npz(args.ref)) else _inception(args)
-    g_st, g_f, g_desc, g_skip, g_pp = _side(args.gen, ext, args, device, kid)
-    r_st, r_f, r_desc, r_skip, r_pp = _side(args.ref, ext, args, device, kid)
+    # every input is checked before the first feature pass (an empty REF failed after GEN's pass)
+    gen, ref = [_open_side(spec, args, ext, kid) for spec in (args.gen, args.ref)]
+    g_st, g_f, g_desc, g_skip, g_pp = _side(gen, ext, args, device, kid)
+    r_st, r_f, r_desc, r_skip, r_pp = _side(ref, ext, args, device, kid)
     out = {
         "gen": {"source": g_desc, "n": g_st.n, "skipped": [n for n, _ in g_skip], "per_process": g_pp},
         "ref": {"source": r_desc, "n": r_st.n, "skipped": [n for n, _ in r_skip], "per_process": r_pp},
@@ -262,25 +270,29 @@ def _run_fid_kid(args, device, rank, world) -> dict:
 
 
 def _run_stats(args, device, rank, world) -> dict:
-    import numpy as np
+    from fewstep._io import check_writable
 
-    # long reference passes are resumable: an interrupted run continues from OUT.partial
-    st, feats, desc, skipped, per_process = _side(args.src, _inception(args), args, device, args.keep_features,
-                                     checkpoint=f"{args.out}.partial")
+    check_writable(args.out, what="OUT")  # before the work, not after it
+    ext = _inception(args)
+    src = _open_side(args.src, args, ext, args.keep_features)
+    if isinstance(src, tuple):
+        raise ValueError(f"SRC {args.src} is already a statistics file; give the images (folder, .zip or digits)")
+    # long reference passes are resumable: an interrupted run continues from OUT.partial, which is
+    # removed only after OUT is complete (written atomically, exactly at OUT, features included)
+    res = _extract(src, ext, args, device, args.keep_features, checkpoint=f"{args.out}.partial",
+                   keep_checkpoint=True)
+    st, desc = res.stats, src.description
     if rank == 0:
         st.meta["source"] = desc
-        st.save(args.out)
-        if feats is not None:  # add the features next to mu/sigma (clean-fid's "feats" key)
-            with np.load(args.out) as z:
-                data = dict(z)
-            np.savez(args.out, **data, feats=feats.numpy())
+        st.save(args.out, features=res.features)
+    res.remove_checkpoint()
     return {
         "value": None,
         "out": args.out,
         "n": st.n,
         "source": desc,
-        "skipped": [n for n, _ in skipped],
-        "per_process": per_process,
+        "skipped": [n for n, _ in res.skipped],
+        "per_process": res.per_process,
         "extractor": st.meta.get("extractor"),
         "preprocess": st.meta.get("preprocess"),
     }
@@ -288,6 +300,7 @@ def _run_stats(args, device, rank, world) -> dict:
 
 def _run_clip(args, device, rank, world) -> dict:
     from fewstep.eval.clip_score import CLIPPairScores, CLIPScorer, clip_score_from_pair_scores
+    from fewstep.eval.features import check_images
     from fewstep.eval.images import open_image_source
 
     src = open_image_source(args.gen)
@@ -305,6 +318,7 @@ def _run_clip(args, device, rank, world) -> dict:
                 f"--prompts has {len(prompts)} non-empty lines for {len(src)} files in {args.gen} "
                 "(one per file, sorted order)"
             )
+    check_images(src, skip_bad=args.skip_bad, progress=not args.no_progress)  # before loading CLIP
     # per-pair scores (float64) of this process's shard, gathered in file order
     res = _extract(src, CLIPPairScores(CLIPScorer(args.clip_model, device), prompts), args, device, True)
     return {
@@ -319,15 +333,15 @@ def _run_clip(args, device, rank, world) -> dict:
 def _run_fd_digits(args, device, rank, world) -> dict:
     import torch
 
-    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits_from_stats
+    from fewstep.eval.fd_digits import DigitsFeatures, fd_digits_from_stats, read_labels
+    from fewstep.eval.features import check_images
     from fewstep.eval.frechet import FeatureStats
     from fewstep.eval.images import open_image_source
 
     src = open_image_source(args.gen)
-    if args.labels:
-        all_labels = [int(s) for s in _read_lines(args.labels)]
-        if len(all_labels) != len(src):
-            raise ValueError(f"--labels has {len(all_labels)} lines for {len(src)} files (one per file, sorted order)")
+    if args.labels:  # one per file in sorted order; errors name the file and line
+        all_labels = read_labels(args.labels, len(src))
+    check_images(src, skip_bad=args.skip_bad, progress=not args.no_progress)
     ext = DigitsFeatures()
     # features and logits of each process's shard, gathered in file order: the statistics are then
     # summed in the same order as fd_digits() sums them in one process

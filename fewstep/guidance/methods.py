@@ -1,6 +1,6 @@
 """Guidance rules: CFG, guidance rescale, APG, CFG++ and Adaptive Guidance.
 
-Scale conventions used throughout (see the README's conventions table):
+Scale conventions used throughout (the table in docs/guidance.md maps them to diffusers and ComfyUI):
 
 * ``w`` ("diffusers / Imagen convention"): ``uncond + w (cond - uncond)``; ``w = 1`` is the
   conditional model alone. diffusers' ``guidance_scale`` and ComfyUI's ``cfg`` are this ``w``.
