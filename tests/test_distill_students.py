@@ -3,9 +3,13 @@ loaded with ``load_digits_pipeline(student=...)``."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from diffusers import LCMScheduler
+from PIL import Image
 
 from fewstep.distill.consistency import ConsistencyScheduler
 from fewstep.models import load_digits_pipeline
@@ -118,3 +122,40 @@ def test_shipped_lcm_samples_with_diffusers_lcm_scheduler_unchanged():
             a = own(generator=torch.Generator().manual_seed(1), **kw).images
             b = lcm(generator=torch.Generator().manual_seed(1), **kw).images
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the students in `fewstep sample`
+def test_cli_samples_a_student_in_one_step_with_its_own_scheduler(tmp_path):
+    """``--model digits-cd`` picks the consistency sampler and no guidance by default; the images equal
+    the Python student pipeline's on the same noise (the CLI adds nothing of its own)."""
+    from fewstep.apps.cli import main
+
+    out = tmp_path / "cd"
+    with one_thread():
+        assert main(["sample", "--model", "digits-cd", "--steps", "1", "--n", "4", "--labels", "3,7",
+                     "--seed", "5", "--upscale", "1", "--out", str(out), "--no-progress"]) == 0
+        record = json.loads((out / "record.json").read_text())
+        assert record["nfe"] == 1
+        assert record["settings"]["scheduler"] == "consistency" and record["settings"]["guidance"] == "none"
+        pipe = load_digits_pipeline(student="cd")
+        gen = torch.Generator().manual_seed(5)
+        noise = torch.randn(4, 1, 8, 8, generator=gen)
+        ref = pipe([3, 7, 3, 7], num_inference_steps=1, guidance_scale=1.0, latents=noise, generator=gen,
+                   output_type="np").images
+    got = np.stack([np.asarray(Image.open(out / f"{i:06d}.png"), dtype=np.float64) / 255 for i in range(4)])
+    assert np.abs(got - np.round(ref[..., 0] * 255) / 255).max() <= 1 / 255 + 1e-9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "digits-nope"], "no shipped digits student 'nope'; allowed: digits-cd"),
+    (["--model", "digits-cd", "--scheduler", "dpmpp-2m"], "use --scheduler consistency"),
+    (["--model", "digits-cd", "--guidance", "apg:scale=3"], "has its guidance built in"),
+    (["--model", "digits-cd", "--guidance", "cfg:2"], "has no guidance input"),
+])
+def test_cli_student_errors_name_the_fix(argv, message, tmp_path, capsys):
+    from fewstep.apps.cli import main
+
+    with one_thread():
+        rc = main(["sample", *argv, "--steps", "1", "--n", "2", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

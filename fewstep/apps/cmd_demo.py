@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DIGITS, add_model_options, add_parser, add_threads_option, apply_threads, check_model_path
+from .options import add_model_options, add_parser, add_threads_option, apply_threads, check_model_path, is_digits_model
 
 DESCRIPTION = """\
 Launch the Gradio demo: generate with any scheduler and guidance method, and compare settings side
@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("fewstep demo needs gradio: pip install 'fewstep[demo]' (or pip install gradio)") from None
-    apply_threads(args.threads, tiny=args.model == DIGITS)
+    apply_threads(args.threads, tiny=is_digits_model(args.model))
     from .demo import build_demo
 
     demo = build_demo(model=args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=7860, help="port")
     p.add_argument("--share", choices=("no", "yes"), default="no",
                    help="create a public gradio.live link (needs internet)")
-    add_model_options(p, "model the demo opens with: 'digits', a local diffusers folder or a hub id")
+    add_model_options(p, "model the demo opens with: 'digits', a student ('digits-cd', ...), a local diffusers "
+                         "folder or a hub id")
     add_threads_option(p)
     p.set_defaults(func=_run)
