@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
     ["train-classifier", "--output-dir", "F/classifier"],
     ["fit-linear-ag", "--output", "F/linear_ag.json"],
     ["sample", "--out", "F/samples"],
+    ["distill", "cd", "--output", "F/run"],
 ])
 def test_unwritable_output_fails_before_torch(argv, tmp_path):
     """``F`` is a regular file, so nothing can be created under it: the error names the path and
@@ -260,9 +261,11 @@ def test_ems_ctrl_c_then_rerun_resumes_from_default_checkpoint(tmp_path, capsys,
 @pytest.mark.parametrize("argv, hint", [
     (["sample", "--out", "OUT", "--n", "1", "--steps", "2", "--no-progress"], "rerun the same command to start again"),
     (["train-teacher", "--steps", "1", "--output-dir", "OUT", "--work-dir", "WORK"], "WORK/checkpoint.pt"),
+    (["distill", "cd", "--output", "OUT"], "checkpoints are in OUT/checkpoints; rerun the same command with --resume"),
 ])
 def test_ctrl_c_prints_one_line_and_exits_130(argv, hint, tmp_path, capsys, monkeypatch):
     import fewstep.apps.generate
+    from fewstep.distill import trainer
     from fewstep.models import train
 
     def interrupt(*a, **k):
@@ -270,8 +273,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(argv, hint, tmp_path, capsys, monk
 
     monkeypatch.setattr(fewstep.apps.generate, "generate", interrupt)
     monkeypatch.setattr(train, "train_teacher", interrupt)
+    monkeypatch.setattr(trainer, "Trainer", interrupt)
     argv = [a.replace("OUT", str(tmp_path / "o")).replace("WORK", str(tmp_path / "w")) for a in argv]
-    hint = hint.replace("WORK", str(tmp_path / "w"))
+    hint = hint.replace("WORK", str(tmp_path / "w")).replace("OUT", str(tmp_path / "o"))
     assert main(argv) == INTERRUPTED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"fewstep {argv[0]}: interrupted;" in err[0] and hint in err[0], err

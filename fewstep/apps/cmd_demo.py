@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .options import (
-    DIGITS,
     add_model_options,
     add_parser,
     add_threads_option,
     apply_threads,
     check_model_path,
     check_positive,
+    is_digits_model,
 )
 
 DESCRIPTION = """\
@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("fewstep demo needs gradio: pip install 'fewstep[demo]' (or pip install gradio)") from None
-    apply_threads(args.threads, tiny=args.model == DIGITS)
+    apply_threads(args.threads, tiny=is_digits_model(args.model))
     from .demo import build_demo
 
     demo = build_demo(model=args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
@@ -53,6 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="requests that run at once (the digits model runs them in parallel; diffusers pipelines take "
                         "turns); the others wait in the queue and see their position")
-    add_model_options(p, "model the demo opens with: 'digits', a local diffusers folder or a hub id")
+    add_model_options(p, "model the demo opens with: 'digits', a student ('digits-cd', ...), a local diffusers "
+                         "folder or a hub id")
     add_threads_option(p)
     p.set_defaults(func=_run)

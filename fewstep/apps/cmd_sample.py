@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .._io import atomic_path, atomic_write_json, check_output_dir
 from .options import (
-    DIGITS,
     MAX_STEPS,
     add_model_options,
     add_parser,
@@ -25,6 +24,9 @@ from .options import (
     check_seed,
     check_steps,
     check_threads,
+    default_guidance,
+    default_scheduler,
+    is_digits_model,
     parse_labels,
 )
 
@@ -48,6 +50,9 @@ def _check(args: argparse.Namespace):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    check_model_path(args.model)
+    args.scheduler = args.scheduler or default_scheduler(args.model)
+    args.guidance = args.guidance or default_guidance(args.model)
     get_entry(args.scheduler)
     args.scheduler_overrides = parse_overrides(args.scheduler_config)
     gspec = parse_guidance(args.guidance, name="--guidance", validate=False)
@@ -57,11 +62,10 @@ def _check(args: argparse.Namespace):
     check_positive("--batch-size", args.batch_size, allow_none=True)
     check_positive("--upscale", args.upscale, allow_none=True)
     check_threads(args.threads)
-    check_model_path(args.model)
-    if args.model == DIGITS:
+    if is_digits_model(args.model):
         parse_labels(args.labels)
         if args.prompt:
-            raise ValueError("model 'digits' is class-conditional: use --labels, not --prompt")
+            raise ValueError(f"model {args.model!r} is class-conditional: use --labels, not --prompt")
     check_output_dir(out, "--out")  # last: every other argument is fine, and the images will have a home
     return gspec
 
@@ -78,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         print(describe_guidance())
         return 0
     gspec = _check(args)
-    apply_threads(args.threads, tiny=args.model == DIGITS)
+    apply_threads(args.threads, tiny=is_digits_model(args.model))
     gspec.build()  # the guidance class checks its value ranges (imports torch)
     from .generate import generate
     from .images import make_grid
@@ -132,15 +136,17 @@ def register(subparsers) -> None:
     req.add_argument("--out", metavar="DIR", default=None,
                      help="output folder (not needed with --list-schedulers / --list-guidance)")
     what = p.add_argument_group("sampling")
-    what.add_argument("--scheduler", default="dpmpp-2m", metavar="NAME",
-                      help="scheduler short name (see --list-schedulers)")
+    what.add_argument("--scheduler", default=None, metavar="NAME",
+                      help="scheduler short name (see --list-schedulers); default: dpmpp-2m, and consistency "
+                           "for a distilled student (--model digits-cd)")
     what.add_argument("--scheduler-config", action="append", default=[], metavar="KEY=VALUE",
                       help="scheduler config override, repeatable, e.g. timestep_spacing=trailing or "
                            "lower_order_final=false")
     what.add_argument("--steps", type=int, default=8, help=f"inference steps, 1..{MAX_STEPS}")
-    what.add_argument("--guidance", default="cfg:2.0", metavar="SPEC",
+    what.add_argument("--guidance", default=None, metavar="SPEC",
                       help="none | cfg:W | apg:scale=W,eta=0 | cfgpp:LAMBDA | ag:scale=W,threshold=0.99 | "
-                           "rescale:phi=0.7,scale=W (see --list-guidance)")
+                           "rescale:phi=0.7,scale=W (see --list-guidance); default: cfg:2.0, and none for a "
+                           "distilled student (digits-lcm takes cfg:W, W in [1, 3], as its guidance input)")
     what.add_argument("--labels", default=None,
                       help="class labels for class models, e.g. 0-9 or 3,7, cycled over --n (default: all classes)")
     what.add_argument("--prompt", default=None, metavar="TEXT", help="prompt for text-to-image pipelines")
@@ -153,7 +159,8 @@ def register(subparsers) -> None:
     what.add_argument("--upscale", type=int, default=None, metavar="F",
                       help="nearest-neighbour upscale factor of the saved images (default: small images to ~64 px)")
     run = p.add_argument_group("model and machine")
-    add_model_options(run, "'digits' (bundled, offline), a local diffusers pipeline folder or a hub id "
+    add_model_options(run, "'digits' (bundled, offline), a shipped distilled student ('digits-cd', "
+                           "'digits-lcm', ...), a local diffusers pipeline folder or a hub id "
                            "(local cache only unless --allow-download)")
     add_threads_option(run)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -105,13 +105,18 @@ class DigitsPipeline(DiffusionPipeline):
 
         return CFG(guidance_scale) if guidance_scale > 1.0 else None
 
+    def _sampling_model(self, guidance_scale: float, guidance=None):
+        """``(model, guide)`` for one call: ``model(x, t, c)`` over the UNet and the guidance rule
+        (None: one conditional pass per step). Subclasses with another conditioning (e.g. the
+        distilled students' guidance embedding) override this one method."""
+        return denoiser(self.unet, NULL_CLASS), self._guidance(guidance_scale, guidance)
+
     def _model_output(
         self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float
     ) -> tuple[torch.Tensor, int]:
         """Raw guided model output at ``(x, t)`` and the number of evaluations per image it took
         (one step of :meth:`__call__`)."""
-        model = denoiser(self.unet, NULL_CLASS)
-        guide = self._guidance(guidance_scale)
+        model, guide = self._sampling_model(guidance_scale)
         if guide is None:
             return model(x, t, labels), 1
         out, _, used = guide.predict(model, x, t, labels, model.null(labels))
@@ -192,9 +197,9 @@ class DigitsPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
 
-        model = denoiser(self.unet, NULL_CLASS)
+        model, guide = self._sampling_model(guidance_scale, guidance)
         x, nfe = sample(model, latents, self.scheduler, int(num_inference_steps),
-                        guidance=self._guidance(guidance_scale, guidance), cond=labels, uncond=model.null(labels),
+                        guidance=guide, cond=labels, uncond=None if guide is None else model.null(labels),
                         generator=generator, step_kwargs=step_kwargs,
                         progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
 
@@ -232,8 +237,14 @@ def load_digits_scheduler_config() -> dict:
     return read_json(SCHEDULER_CONFIG, "digits scheduler config")
 
 
-def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> DigitsPipeline:
+def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None,
+                         student: str | None = None) -> DigitsPipeline:
     """Load the shipped digits teacher as a :class:`DigitsPipeline`, offline.
+
+    ``student``: ``None`` for the teacher, or the name of a shipped distilled student (``"cd"``,
+    ``"lcm"``), returned as a :class:`fewstep.models.students.DigitsStudentPipeline` that is called
+    the same way and samples with the student's own consistency sampler (see
+    :func:`fewstep.models.students.load_digits_student_pipeline` for ``scheduler`` there).
 
     ``scheduler``: ``None`` (diffusers ``DPMSolverMultistepScheduler``, DPM-Solver++(2M), built from
     the shipped config -- a good deterministic few-step default), a scheduler class (instantiated
@@ -243,6 +254,10 @@ def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> 
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    if student is not None:
+        from .students import load_digits_student_pipeline
+
+        return load_digits_student_pipeline(student, device=device, scheduler=scheduler)
     unet = load_digits_teacher_unet(device)
     config = load_digits_scheduler_config()
     if scheduler is None:
