@@ -180,10 +180,20 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return p
 
 
-def check_output_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``folder`` (with its parents) when missing and check that it takes new files, before
-    any long work; ``ValueError`` naming ``what`` and the folder otherwise. Returns ``Path(folder)``."""
+def check_output_dir(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Check, before any long work, that files can be written into ``folder``; ``ValueError``
+    naming ``what`` and the folder otherwise. ``create``: make the folder (with its parents) now;
+    without it nothing is created: the nearest existing ancestor must be a folder that takes new
+    entries (make the folder later, when the results are there). Returns ``Path(folder)``."""
     p = Path(folder)
+    if not create:
+        ancestor = p
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if ancestor.exists() and not ancestor.is_dir():
+            raise ValueError(f"{what}: cannot create the folder {str(p)!r}: {str(ancestor)!r} is a file")
+        check_writable(ancestor / "probe", what)
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -197,3 +197,15 @@ def test_load_callable_says_which_part_is_missing(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="missing_dependency_q"):
         load_callable("broken_mod_q:f")
+
+
+def test_check_output_dir_without_creating(tmp_path):
+    from fewstep._io import check_output_dir
+
+    target = tmp_path / "a" / "b"
+    assert check_output_dir(target, "--out", create=False) == target and not (tmp_path / "a").exists()
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"--out: cannot create the folder .*'.*/f' is a file"):
+        check_output_dir(blocker / "x" / "y", "--out", create=False)
+    assert _leftovers(tmp_path) == ["f"]

@@ -17,7 +17,7 @@ from .._io import check_output_dir
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_output_dir(args.output, "--output")  # before torch loads and long before the first checkpoint
+    check_output_dir(args.output, "--output", create=False)  # before torch loads, long before the first checkpoint
     from fewstep.distill.config import apply_overrides, load_config_file
     from fewstep.distill.trainer import Trainer
 

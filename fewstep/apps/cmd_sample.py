@@ -66,7 +66,7 @@ def _check(args: argparse.Namespace):
         parse_labels(args.labels)
         if args.prompt:
             raise ValueError(f"model {args.model!r} is class-conditional: use --labels, not --prompt")
-    check_output_dir(out, "--out")  # last: every other argument is fine, and the images will have a home
+    check_output_dir(out, "--out", create=False)  # created once the images exist
     return gspec
 
 
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         scheduler_config=args.scheduler_overrides, batch_size=args.batch_size, progress=not args.no_progress,
         upscale=args.upscale,
     )
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     files = []
     for i, img in enumerate(result.images):
         name = f"{i:06d}.png"
