@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 __all__ = ["atomic_path", "atomic_paths", "atomic_open", "atomic_write_bytes", "atomic_write_text",
-           "atomic_write_json", "check_writable", "check_output_dir", "read_json", "read_checkpoint"]
+           "atomic_write_json", "check_writable", "check_output_dir", "read_text", "read_json", "read_checkpoint"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -205,16 +205,23 @@ def check_output_dir(folder: str | os.PathLike, what: str = "output folder", cre
     return p
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Parse the JSON file at ``path``. A missing file is a ``FileNotFoundError``, a broken one a
-    ``ValueError`` naming ``what``, the file and the line:column of the error."""
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """The UTF-8 text of the file at ``path``: ``FileNotFoundError`` when it is missing,
+    ``ValueError`` when it is not UTF-8 text, both naming ``what`` and the file."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what}: {str(p)!r} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{what}: {str(p)!r} is not a UTF-8 text file ({err})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse the JSON file at ``path``. A missing file is a ``FileNotFoundError``, a broken one a
+    ``ValueError`` naming ``what``, the file and the line:column of the error."""
+    p = Path(path)
+    text = read_text(p, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
