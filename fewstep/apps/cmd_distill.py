@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
+
+from .._io import check_output_dir
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, "--output", create=False)  # before torch loads, long before the first checkpoint
     from fewstep.distill.config import apply_overrides, load_config_file
     from fewstep.distill.trainer import Trainer
 
@@ -58,4 +62,11 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any recipe key, e.g. --set train.lr=2e-4 --set method.skip=2 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, resume_hint=_resume_hint)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What ``fewstep distill`` prints when interrupted (Ctrl-C)."""
+    resume = [] if args.resume else ["--resume"]
+    return (f"checkpoints are in {Path(args.output) / 'checkpoints'}; rerun the same command"
+            f"{' with --resume' if resume else ''} to continue from the last one")

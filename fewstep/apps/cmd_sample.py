@@ -8,12 +8,11 @@ seconds); only the value ranges of guidance parameters need the guidance classes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 from pathlib import Path
 
+from .._io import atomic_path, atomic_write_json, check_output_dir
 from .options import (
     MAX_STEPS,
     add_model_options,
@@ -67,6 +66,7 @@ def _check(args: argparse.Namespace):
         parse_labels(args.labels)
         if args.prompt:
             raise ValueError(f"model {args.model!r} is class-conditional: use --labels, not --prompt")
+    check_output_dir(out, "--out", create=False)  # created once the images exist
     return gspec
 
 
@@ -95,14 +95,15 @@ def _run(args: argparse.Namespace) -> int:
         scheduler_config=args.scheduler_overrides, batch_size=args.batch_size, progress=not args.no_progress,
         upscale=args.upscale,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "--out")
     files = []
     for i, img in enumerate(result.images):
         name = f"{i:06d}.png"
-        img.save(out / name)
+        with atomic_path(out / name) as tmp:
+            img.save(tmp)
         files.append(name)
-    make_grid(result.images).save(out / "grid.png")
+    with atomic_path(out / "grid.png") as tmp:
+        make_grid(result.images).save(tmp)
     import diffusers
     import torch
 
@@ -120,9 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         "versions": {"fewstep": getattr(fewstep, "__version__", "?"), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
-    tmp = out / "record.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "record.json")
+    atomic_write_json(out / "record.json", record)
     print(f"wrote {len(files)} images, grid.png and record.json to {out} "
           f"(NFE {result.nfe} per image, {result.wall_time:.2f} s)", file=sys.stderr)
     return 0
@@ -169,4 +168,5 @@ def register(subparsers) -> None:
     info.add_argument("--list-schedulers", action="store_true", help="print the scheduler names and exit")
     info.add_argument("--list-guidance", action="store_true",
                       help="print the guidance methods, their parameters and defaults, and exit")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, resume_hint="rerun the same command to start again (the same seed gives the same "
+                                          "images)")

@@ -9,6 +9,7 @@ pipelines run their own loop, with guidance objects hooked in by :func:`fewstep.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import numbers
 import threading
@@ -32,7 +33,8 @@ from .options import (
     parse_labels,
 )
 
-# generation touches shared pipeline objects (scheduler swap, guidance hook): one at a time
+# generation with a diffusers pipeline touches shared pipeline objects (scheduler swap, guidance hook): one at
+# a time. The digits teacher runs on a per-request pipeline around the shared (read-only) UNet: no lock.
 _GENERATE_LOCK = threading.RLock()
 
 
@@ -117,7 +119,7 @@ def generate(model: LoadedModel, scheduler: str | None = None, steps: int = 8,
     gen = torch.Generator("cpu").manual_seed(seed)
     images: list = []
     nfe = 0
-    with _GENERATE_LOCK:
+    with contextlib.nullcontext() if model.kind == "digits" else _GENERATE_LOCK:
         t0 = time.perf_counter()
         for start in range(0, n, batch_size):
             chunk = conds[start:start + batch_size]
@@ -195,17 +197,20 @@ def _swapped(pipe, scheduler, progress: bool):
 def _run_digits(model: LoadedModel, sched, steps: int, gspec: GuidanceSpec, labels: list, gen: torch.Generator,
                 progress: bool, negative_prompt: str | None = None) -> tuple[list, int]:
     """Digits: the noise of this batch from ``gen``, then ``DigitsPipeline`` (:func:`fewstep.sample`)
-    with the guidance object, or plain CFG at the spec's scale."""
-    pipe = model.pipe
-    unet = pipe.unet
+    with the guidance object, or plain CFG at the spec's scale. The pipeline is this request's own
+    (a shallow copy sharing the read-only UNet, with this request's scheduler), so concurrent
+    requests share nothing mutable."""
+    unet = model.pipe.unet
+    pipe = copy.copy(model.pipe)  # diffusers re-registers the swapped scheduler in the copy's own config
+    pipe.scheduler = sched
+    pipe.set_progress_bar_config(disable=not progress)
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     noise = torch.randn((len(labels), unet.config.in_channels, *size), generator=gen, dtype=torch.float32)
     noise = noise.to(model.device, model.dtype)
-    with _swapped(pipe, sched, progress):
-        out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale,
-                   guidance=None if model.student else gspec.build(),
-                   generator=gen, latents=noise, output_type="pt")
+    out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale,
+               guidance=None if model.student else gspec.build(),
+               generator=gen, latents=noise, output_type="pt")
     return to_pil_list(out.images), int(out.nfe)
 
 

@@ -148,16 +148,37 @@ def load_model(spec: str = DIGITS, device: str | torch.device = "auto", dtype: s
     return model
 
 
-def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype, allow_download: bool):
+#: pipeline classes fewstep defines (``_class_name`` in a saved folder's model_index.json) -> where they live;
+#: diffusers' own loader looks them up in the diffusers package and fails
+FEWSTEP_PIPELINES = {"DigitsPipeline": "fewstep.models.pipeline:DigitsPipeline"}
+
+
+def _pipeline_class(path: Path):
+    """The class that loads the pipeline folder ``path``: a fewstep pipeline named in its
+    ``model_index.json`` (``DigitsPipeline.save_pretrained`` output), else diffusers'
+    ``DiffusionPipeline`` (which resolves diffusers' own classes)."""
     from diffusers import DiffusionPipeline
 
+    from .._imports import load_callable
+    from .._io import read_json
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        return DiffusionPipeline
+    name = read_json(index, f"--model {str(path)!r}: model_index.json")
+    name = name.get("_class_name") if isinstance(name, dict) else None
+    return load_callable(FEWSTEP_PIPELINES[name], "pipeline class") if name in FEWSTEP_PIPELINES else DiffusionPipeline
+
+
+def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype, allow_download: bool):
     check_model_path(spec)
     path = Path(spec).expanduser()
     source = str(path) if path.exists() else spec
+    pipeline_class = _pipeline_class(path)
     try:
         with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones need it
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download)
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download)
     except (OSError, EnvironmentError, ValueError) as err:
         if source == spec and not path.exists() and not allow_download:
             raise FileNotFoundError(

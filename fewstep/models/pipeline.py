@@ -8,7 +8,6 @@ where class 10 is the null label used for classifier-free guidance) trained with
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._io import read_json
 from .adapters import denoiser
 from .digits import NUM_CLASSES
 
@@ -197,14 +197,10 @@ class DigitsPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
 
-        def check_finite(i, t, x):
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite sample after step {i} (timestep {float(t):g})")
-
         model, guide = self._sampling_model(guidance_scale, guidance)
         x, nfe = sample(model, latents, self.scheduler, int(num_inference_steps),
                         guidance=guide, cond=labels, uncond=None if guide is None else model.null(labels),
-                        generator=generator, callback=check_finite, step_kwargs=step_kwargs,
+                        generator=generator, step_kwargs=step_kwargs,
                         progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
 
         images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
@@ -230,7 +226,7 @@ def load_digits_teacher_unet(device: str | torch.device = "cpu"):
         if not f.exists():
             raise FileNotFoundError(
                 f"digits teacher file {f} is missing; reinstall fewstep or run `fewstep train-teacher`")
-    unet = UNet2DModel.from_config(json.loads(UNET_CONFIG.read_text()))
+    unet = UNet2DModel.from_config(read_json(UNET_CONFIG, "digits UNet config"))
     unet.load_state_dict(load_file(str(UNET_WEIGHTS)))
     return unet.to(device).eval().requires_grad_(False)
 
@@ -238,7 +234,7 @@ def load_digits_teacher_unet(device: str | torch.device = "cpu"):
 def load_digits_scheduler_config() -> dict:
     """The shipped diffusers scheduler config of the teacher (a ``DDPMScheduler`` config:
     1000 steps, ``squaredcos_cap_v2``, ``v_prediction``, ``timestep_spacing="trailing"``)."""
-    return json.loads(SCHEDULER_CONFIG.read_text())
+    return read_json(SCHEDULER_CONFIG, "digits scheduler config")
 
 
 def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None,
