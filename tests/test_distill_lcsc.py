@@ -189,7 +189,8 @@ def test_search_improves_on_its_seeds(tmp_path):
     res = lcsc.search(refs, model, fitness, cfg, log_dir=tmp_path / "s", progress=False)
     best = [g["best"] for g in res.generations]
     assert all(b1 <= b0 for b0, b1 in zip(best, best[1:])), "elitist selection must never lose the best"
-    assert res.evaluations == 240 and len(json.loads((tmp_path / "s" / lcsc.SEARCH_LOG).read_text())["candidates"]) == 240
+    rows = json.loads((tmp_path / "s" / lcsc.SEARCH_LOG).read_text())["candidates"]
+    assert res.evaluations == 240 and len(rows) == 240
     assert res.fitness < 0.1 * best[0], (best[0], res.fitness)
     assert abs(sum(res.alpha) - 1) < 1e-9 and np.abs(res.alpha).sum() <= cfg.max_l1 + 1e-9
     assert fitness(model) == pytest.approx(res.fitness)  # the model holds the best candidate
@@ -249,9 +250,9 @@ def test_non_finite_fitness_is_never_selected(tmp_path):
 # digits: the CLI end to end, the shipped student
 # ------------------------------------------------------------------------------------------------
 def _cd_state(i: int):
-    from fewstep.models.students import student_files
-
     from safetensors.torch import load_file
+
+    from fewstep.models.students import student_files
 
     base = load_file(str(student_files("cd")[0]))
     g = torch.Generator().manual_seed(i)
