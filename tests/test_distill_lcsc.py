@@ -317,3 +317,43 @@ def test_shipped_cd_lcsc_student():
     g = torch.Generator().manual_seed(0)
     img = pipe(list(range(10)), num_inference_steps=1, generator=g, output_type="pt").images
     assert img.shape == (10, 1, 8, 8) and torch.isfinite(img).all()
+
+
+@pytest.mark.slow  # three CLI subprocesses, two of them under accelerate launch
+def test_two_processes_give_the_one_process_search(tmp_path):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from fewstep.models.students import student_files
+
+    run, _ = _run(tmp_path, 3, state=_cd_state)
+    (run / "final").mkdir()
+    for f in student_files("cd"):
+        shutil.copy(f, run / "final" / f.name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    args = ["-m", "fewstep.apps.cli", "lcsc", "--run", str(run), "--budget", "7", "--population", "3",
+            "--offspring", "2", "--num-samples", "130", "--device", "cpu", "--no-progress"]
+    one = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=240, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    def strip(path):
+        d = json.loads((path / lcsc.SEARCH_LOG).read_text())
+        for r in d["candidates"]:
+            r.pop("seconds")
+        return d
+
+    assert strip(tmp_path / "one") == strip(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "lcsc.json").read_text())["alpha"] == \
+        json.loads((tmp_path / "one" / "lcsc.json").read_text())["alpha"]
