@@ -131,34 +131,6 @@ def verdicts(summary: dict) -> dict:
     return v
 
 
-def plot(searches: dict, out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, folder in searches.items():
-        log = json.loads((Path(folder) / "search_log.json").read_text())
-        hist = log["generations"]
-        ev = [h["evaluations"] for h in hist]
-        ax.plot(ev, [h["best"] for h in hist], label=f"{label}: population best")
-        ax.plot(ev, [h["median"] for h in hist], ls="--", label=f"{label}: population median")
-        c = log["candidates"][0]
-        ax.axhline(c["fitness"], color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("fitness evaluations")
-    ax.set_ylabel("1-step FD-digits (search noise, n = %d)" % log["fitness"].get("num_samples", 0))
-    ax.set_title("LCSC search on the CD run (dotted: last checkpoint)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="the CD run folder (trainer layout, with final/)")
@@ -194,7 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
             "best_search_fitness": rec["search"]["best_fitness"], "checkpoints": len(rec["checkpoints"])}
         print(f"- search cost ({label}): {result['search_cost'][label]}")
     if searches:
-        png = plot(searches, Path(args.out).with_name("lcsc_fitness.png"))
+        from fewstep.distill.lcsc import SEARCH_LOG, plot_search
+
+        png = plot_search({k: Path(f) / SEARCH_LOG for k, f in searches.items()},
+                          Path(args.out).with_name("lcsc_fitness.png"))
         result["plot"] = str(png) if png else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -259,19 +259,27 @@ def _cd_state(i: int):
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
 
 
-def test_cli_merges_and_searches_a_digits_run(tmp_path):
+def _digits_run(tmp_path):
+    """A 3-checkpoint run of perturbed copies of the shipped cd student, with the cd export as final/."""
     import shutil
 
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
-
-    from fewstep.apps.cli import main
-    from fewstep.models.students import load_digits_student_pipeline, student_files
+    from fewstep.models.students import student_files
 
     run, states = _run(tmp_path, 3, state=_cd_state)
     (run / "final").mkdir()
     for f in student_files("cd"):
         shutil.copy(f, run / "final" / f.name)
+    return run, states
+
+
+def test_cli_merge_with_given_alpha_is_loadable(tmp_path):
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from fewstep.apps.cli import main
+    from fewstep.models.students import load_digits_student_pipeline
+
+    run, states = _digits_run(tmp_path)
     out = tmp_path / "merged"
     assert main(["lcsc", "--run", str(run), "--alpha", "0,0,1", "--output", str(out)]) == 0
     merged = load_file(str(out / "digits_cd-lcsc_unet.safetensors"))
@@ -283,15 +291,9 @@ def test_cli_merges_and_searches_a_digits_run(tmp_path):
 
 
 def test_cli_search_of_a_digits_run(tmp_path):
-    import shutil
-
     from fewstep.apps.cli import main
-    from fewstep.models.students import student_files
 
-    run, _ = _run(tmp_path, 3, state=_cd_state)
-    (run / "final").mkdir()
-    for f in student_files("cd"):
-        shutil.copy(f, run / "final" / f.name)
+    run, _ = _digits_run(tmp_path)
     search = tmp_path / "search"
     args = ["lcsc", "--run", str(run), "--budget", "3", "--population", "2", "--offspring", "1",
             "--num-samples", "130", "--output", str(search), "--no-progress"]
@@ -322,17 +324,11 @@ def test_shipped_cd_lcsc_student():
 @pytest.mark.slow  # three CLI subprocesses, two of them under accelerate launch
 def test_two_processes_give_the_one_process_search(tmp_path):
     import os
-    import shutil
     import socket
     import subprocess
     import sys
 
-    from fewstep.models.students import student_files
-
-    run, _ = _run(tmp_path, 3, state=_cd_state)
-    (run / "final").mkdir()
-    for f in student_files("cd"):
-        shutil.copy(f, run / "final" / f.name)
+    run, _ = _digits_run(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     args = ["-m", "fewstep.apps.cli", "lcsc", "--run", str(run), "--budget", "7", "--population", "3",
             "--offspring", "2", "--num-samples", "130", "--device", "cpu", "--no-progress"]

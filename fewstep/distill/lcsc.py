@@ -175,8 +175,6 @@ def merge(refs: Sequence[CheckpointRef], alpha, out: dict[str, torch.Tensor] | N
                 buf.add_(src, alpha=float(a[i]))
         del sd
         first = False
-    if major not in order:  # impossible when alpha sums to 1, kept for safety
-        raise ValueError("alpha is all zeros")
     for k, buf in acc.items():
         out[k].copy_(buf)
     return out
@@ -535,9 +533,11 @@ def search(refs: Sequence[CheckpointRef], model: torch.nn.Module, fitness: Calla
     return SearchResult(pop[0].tolist(), fit[0], used, seconds, history, log_path)
 
 
-def plot_search(log: str | os.PathLike, out: str | os.PathLike) -> Path | None:
-    """Fitness of every candidate and the population's best/median per generation, from a ``search_log.json``
-    (None without matplotlib)."""
+def plot_search(logs, out: str | os.PathLike) -> Path | None:
+    """Fitness over the search from ``search_log.json`` files (one path, or ``{label: path}`` for several
+    searches on one figure): every candidate (dots, by evaluation), the population's best and median
+    after each generation, and the first candidate (the last checkpoint) as a dotted line. None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -545,23 +545,34 @@ def plot_search(log: str | os.PathLike, out: str | os.PathLike) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    data = json.loads(Path(log).read_text())
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = [(r["generation"], r["fitness"]) for r in data["candidates"] if r["fitness"] is not None]
-    if pts:
-        g, f = zip(*pts)
-        ax.scatter(g, f, s=5, alpha=0.3, color="grey", label="candidates")
-    hist = data.get("generations", [])
-    ax.plot([h["generation"] for h in hist], [h["best"] for h in hist], label="population best")
-    ax.plot([h["generation"] for h in hist], [h["median"] for h in hist], label="population median")
-    best = [h["best"] for h in hist]
-    if best:
-        lo, hi = min(best), max(h["median"] for h in hist)
-        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.5 * (hi - lo + 1e-9))
-    ax.set_xlabel("generation")
-    ax.set_ylabel(f"fitness ({data['fitness'].get('name', '')})")
+    logs = logs if isinstance(logs, dict) else {"": logs}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lo, hi, name = math.inf, -math.inf, ""
+    for label, log in logs.items():
+        data = json.loads(Path(log).read_text())
+        name = f"{data['fitness'].get('name', '')}, NFE {data['fitness'].get('nfe', '?')}"
+        prefix = f"{label}: " if label else ""
+        pts = [(r["id"] + 1, r["fitness"]) for r in data["candidates"] if r["fitness"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), s=4, alpha=0.25)
+        hist = data.get("generations", [])
+        ev = [h["evaluations"] for h in hist]
+        line = ax.plot(ev, [h["best"] for h in hist], label=f"{prefix}population best")[0]
+        ax.plot(ev, [h["median"] for h in hist], ls="--", color=line.get_color(), label=f"{prefix}population median")
+        if data["candidates"] and data["candidates"][0]["fitness"] is not None:
+            first = data["candidates"][0]["fitness"]
+            ax.axhline(first, ls=":", lw=0.8, color=line.get_color(), label=f"{prefix}last checkpoint")
+            hi = max(hi, first)
+        if hist:
+            lo = min(lo, min(h["best"] for h in hist))
+            hi = max(hi, max(h["median"] for h in hist))
+    if math.isfinite(lo) and math.isfinite(hi):
+        pad = 0.1 * (hi - lo + 1e-9)
+        ax.set_ylim(lo - pad, hi + 3 * pad)
+    ax.set_xlabel("fitness evaluations")
+    ax.set_ylabel(f"fitness ({name}; lower is better)")
     ax.set_title("LCSC search")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
