@@ -229,6 +229,12 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     assert strip(tmp_path / "full" / lcsc.SEARCH_LOG) == strip(tmp_path / "cut" / lcsc.SEARCH_LOG)
     assert resumed.alpha == full.alpha and resumed.fitness == full.fitness
+    # a larger budget continues the finished search exactly like a longer uninterrupted one
+    more = lcsc.SearchConfig(population=6, offspring=5, budget=52, seed=3)
+    longer = lcsc.search(refs, model, fitness, more, log_dir=tmp_path / "cut", resume=True, progress=False)
+    direct = lcsc.search(refs, model, fitness, more, log_dir=tmp_path / "long", progress=False)
+    assert longer.alpha == direct.alpha and longer.evaluations == 52
+    assert strip(tmp_path / "cut" / lcsc.SEARCH_LOG) == strip(tmp_path / "long" / lcsc.SEARCH_LOG)
 
 
 def test_non_finite_fitness_is_never_selected(tmp_path):

@@ -422,11 +422,12 @@ def search(refs: Sequence[CheckpointRef], model: torch.nn.Module, fitness: Calla
     ``model`` is overwritten in place for every candidate (its ``state_dict()`` tensors); at the end it
     holds the best candidate. ``log_dir``: where ``search_log.json`` is written (every candidate: id,
     generation, alpha, fitness, seconds) after each evaluation, atomically; with ``resume`` an existing
-    log is continued -- its search settings, fitness description and checkpoints must match -- and the
-    result equals that of an uninterrupted search. ``accelerator``: an ``accelerate.Accelerator`` with
-    several processes evaluates each generation's candidates round-robin across them (every process
-    holds its own model; the log is written by the main process). ``fitness_info``: a JSON description
-    of the fitness recorded in (and checked against) the log.
+    log is continued -- its search settings (but ``budget``, which may grow), fitness description and
+    checkpoints must match -- and the result equals that of an uninterrupted search. ``accelerator``: an
+    ``accelerate.Accelerator`` with several processes evaluates each generation's candidates
+    round-robin across them (every process holds its own model; the log is written by the main
+    process). ``fitness_info``: a JSON description of the fitness recorded in (and checked against)
+    the log.
     """
     from tqdm.auto import tqdm
 
@@ -447,7 +448,9 @@ def search(refs: Sequence[CheckpointRef], model: torch.nn.Module, fitness: Calla
             raise ValueError(f"{log_path} exists: pass resume=True (--resume) to continue that search, or choose "
                              "a new output folder")
         old = json.loads(log_path.read_text())
-        bad = [key for key in header if old.get(key) != header[key]]
+        same = {**header, "config": {**header["config"], "budget": None}}  # a larger budget extends a search
+        bad = [key for key in header if (old.get(key) if key != "config" else {**old["config"], "budget": None})
+               != same[key]]
         if bad:
             raise ValueError(f"cannot resume {log_path}: the {' and '.join(bad)} differ from this search")
         rows = old["candidates"]
