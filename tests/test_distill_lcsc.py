@@ -359,3 +359,19 @@ def test_two_processes_give_the_one_process_search(tmp_path):
     assert strip(tmp_path / "one") == strip(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "lcsc.json").read_text())["alpha"] == \
         json.loads((tmp_path / "one" / "lcsc.json").read_text())["alpha"]
+
+
+def test_trajectory_fitness_measures_the_distance_to_the_reference_solution():
+    from diffusers import DDIMScheduler
+
+    from fewstep.models import load_digits_pipeline
+
+    pipe = load_digits_pipeline(scheduler=DDIMScheduler)
+    ref = lcsc.TrajectoryFitness.teacher_reference(20, noise_seed=3, steps=4)
+    assert lcsc.TrajectoryFitness(pipe, ref, nfe=4, num_samples=20, noise_seed=3)() == 0.0  # the reference itself
+    assert lcsc.TrajectoryFitness(pipe, ref, nfe=1, num_samples=20, noise_seed=3)() > 1e-3
+    assert lcsc.TrajectoryFitness(pipe, ref, nfe=4, num_samples=20, noise_seed=4)() > 1e-3  # other noise
+    with pytest.raises(ValueError, match=r"reference must have shape \(20, 1, 8, 8\)"):
+        lcsc.TrajectoryFitness(pipe, ref[:10], nfe=4, num_samples=20, noise_seed=3)
+    with pytest.raises(ValueError, match="num_samples must be a positive multiple of 10"):
+        lcsc.TrajectoryFitness(pipe, ref, nfe=4, num_samples=25)
