@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "fewstep.apps.cmd_teacher",
     "fewstep.apps.cmd_guidance",
     "fewstep.apps.cmd_distill",
+    "fewstep.apps.cmd_lcsc",
 )
 
 

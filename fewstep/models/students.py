@@ -35,7 +35,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from .adapters import Denoiser
 from .pipeline import WEIGHTS_DIR, DigitsPipeline
 
-STUDENTS = ("cd", "lcm")
+STUDENTS = ("cd", "lcm", "cd-lcsc")  # cd-lcsc: LCSC merge of the cd run's checkpoints (docs/lcsc.md)
 
 
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype=torch.float32) -> torch.Tensor:
