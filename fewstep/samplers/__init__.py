@@ -20,6 +20,7 @@ _EXPORTS = {
     "FewstepSchedulerOutput": ".scheduler",
     "noise_schedule_of": "..schedule",
     "threshold_x0": ".scheduler",
+    "USFScheduler": ".usf",
 }
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "FewstepSchedulerOutput",
     "noise_schedule_of",
     "threshold_x0",
+    "USFScheduler",
 ]
 
 
