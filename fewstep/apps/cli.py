@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "fewstep.apps.cmd_ems",
     "fewstep.apps.cmd_teacher",
     "fewstep.apps.cmd_guidance",
+    "fewstep.apps.cmd_search",
 )
 
 
