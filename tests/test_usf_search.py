@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fewstep.samplers.search import (
     STEP_FEATURES,
