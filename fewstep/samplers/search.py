@@ -374,6 +374,9 @@ class _Space:
                 order = 1
             if start == 0 and len(points) < order - 1:
                 points = tuple(range(1, order))
+            if start == 0:  # points nothing reads are dropped: one key per behaviour
+                corr_needs = st.corrector.order - 2 if st.corrector is not None else 0
+                points = points[: max(order - 1, corr_needs)]
             if order < 2:
                 st = dataclasses.replace(st, relaxation="none", relaxation_coefficient=0.0, pseudo=False)
             q = st.first_derivative_points
@@ -702,6 +705,7 @@ def _cached_reference(problem, batch, settings, key, cache: Path | None, acc, lo
     ref = sharded_reference(problem, batch, settings.reference_steps, acc)
     log[seconds_key] = round(time.perf_counter() - t0, 2)
     if cache is not None and (acc is None or acc.is_main_process):
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         torch.save({"key": digest, "ref": ref.cpu()}, tmp)
         os.replace(tmp, cache)
