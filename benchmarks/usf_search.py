@@ -2,8 +2,9 @@
 
 Parts (``--part``, several allowed):
 
-* ``ship``: run the shipped searches on the digits teacher (w = 1 and CFG 2, NFE 3, 4, 5, 6, 8), each
-  ``--minutes`` long, resumable (logs in ``--cache``), and write the best schedules to
+* ``ship``: run the shipped searches on the digits teacher (w = 1 and CFG 2, NFE 3, 4, 5, 6, 8; batch
+  64, 500-step reference, predictor on, ``--minutes`` at NFE 4-6 and ``--minutes-other`` at 3 and 8),
+  resumable (logs in ``--cache``), and write the best schedules to
   ``configs/usf/digits[_cfg2]_nfe{n}.json`` and the identical package-data copies
   ``fewstep/models/weights/usf_digits[_cfg2]_nfe{n}.json``. Re-run it after the shipped EMS change.
 * ``digits``: the shipped schedules on held-out noise (seeds ``--holdout-seeds``, never a search
@@ -81,7 +82,7 @@ def ship_settings(nfe: int):
     from fewstep.samplers.search import SearchSettings
 
     return SearchSettings(nfe=nfe, population=16, batch=64, seed=0, reference_steps=500, validate_top=16,
-                          holdout=0)
+                          holdout=0, predictor=True)
 
 
 def part_ship(args) -> dict:
@@ -96,8 +97,9 @@ def part_ship(args) -> dict:
         name = ship_name(w, nfe)
         problem = digits_problem(w)
         log = cache / f"{name}.log.json"
-        print(f"--- search {name} ({args.minutes} min) ---", flush=True)
-        res = run_search(problem, ship_settings(nfe), budget_minutes=args.minutes, log_path=log,
+        minutes = args.minutes if nfe in TARGET_NFES else args.minutes_other
+        print(f"--- search {name} ({minutes} min) ---", flush=True)
+        res = run_search(problem, ship_settings(nfe), budget_minutes=minutes, log_path=log,
                          resume=log.exists(), progress=not args.quiet)
         best = res.best
         best.info["command"] = "python benchmarks/usf_search.py --part ship"
@@ -411,7 +413,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", nargs="+", default=["digits", "mixture", "proxy", "predictor"],
                     choices=["ship", "digits", "mixture", "proxy", "predictor"])
-    ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget per schedule (minutes)")
+    ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget at NFE 4-6 (minutes)")
+    ap.add_argument("--minutes-other", type=float, default=10.0, help="ship: search budget at NFE 3 and 8")
     ap.add_argument("--only-nfe", type=int, nargs="*", default=None, help="ship: only these NFE")
     ap.add_argument("--only-w", type=float, nargs="*", default=None, help="ship: only these guidance scales")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
