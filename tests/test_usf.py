@@ -362,3 +362,62 @@ def test_json_round_trip_is_readable_and_exact(tmp_path):
     assert back.to_dict() == s.to_dict() and back.key() == s.key()
     assert back.nfe == 4
     assert np.allclose(back.afs_mean, 0.1)
+
+
+# ------------------------------------------------------------------------------ the shipped schedules
+def test_shipped_schedules_load_run_and_match_configs():
+    """configs/usf/*.json and the package-data copies are the same bytes; every shipped schedule
+    loads by its short name, has the NFE and guidance its name says, and runs in the digits pipeline
+    at that NFE (with its EMS, when it has v3 steps)."""
+    from pathlib import Path
+
+    from fewstep.models import load_digits_pipeline, shipped_file
+    from fewstep.samplers import EMS
+    from fewstep.samplers.usf_schedule import ems_fingerprint
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "usf"
+    pipe = load_digits_pipeline()
+    for name, file in SHIPPED.items():
+        assert shipped_file(file).read_bytes() == (configs / file.removeprefix("usf_")).read_bytes(), name
+        s = USFSchedule.load(name)
+        nfe, w = int(name.rsplit("nfe", 1)[1]), 2.0 if "cfg2" in name else 1.0
+        assert s.nfe == nfe and s.info["guidance_scale"] == w and s.info["model"] == "digits", name
+        if s.uses_v3:
+            if s.ems["sha256"] != ems_fingerprint(EMS.load(s.ems["name"])):
+                pytest.skip(f"the shipped EMS {s.ems['name']!r} changed since the USF searches: re-run "
+                            "`python benchmarks/usf_search.py --part ship`")
+        pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule=name)
+        out = pipe([0, 9], num_inference_steps=nfe, guidance_scale=w, output_type="pt",
+                   generator=torch.Generator().manual_seed(0))
+        assert out.nfe == nfe * (2 if w > 1 else 1) and torch.isfinite(out.images).all(), name
+
+
+def test_a_diffusers_pipeline_runs_an_afs_schedule_with_cfg():
+    """StableDiffusionPipeline (tiny, random weights) with classifier-free guidance: the analytical
+    first step happens in scale_model_input on the doubled CFG batch, the UNet runs once per NFE, and
+    the latents equal fewstep.sample's over the same UNet."""
+    from tiny_pipelines import SD_SCHEDULER_CONFIG, sd_inputs, tiny_sd
+
+    pipe = tiny_sd()
+    s = USFSchedule((999.0, 800.0, 500.0, 200.0), (USFStep(), multistep_step("data", 2),
+                    multistep_step("noise", 2, corrector=USFCorrector(3)), USFStep()), afs="zero_x0")
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule=s)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    inputs = sd_inputs()
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe(**inputs, num_inference_steps=3, guidance_scale=4.0, latents=latents, output_type="latent").images
+    hook.remove()
+    assert len(calls) == 3 and torch.isfinite(out).all()
+    cond, uncond = inputs["prompt_embeds"], inputs["negative_prompt_embeds"]
+
+    def model(x, t, c):
+        return pipe.unet(x, t, encoder_hidden_states=c).sample
+
+    usf = USFScheduler.from_config(SD_SCHEDULER_CONFIG, schedule=s)
+    with torch.no_grad():
+        want, nfe = sample(model, latents, usf, guidance=4.0, cond=cond, uncond=uncond)
+    assert nfe == 6
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -179,12 +178,6 @@ def test_cli_argument_errors_come_before_torch(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_search_equals_single(tmp_path):
     """``accelerate launch`` with two CPU processes scores each generation's candidates round-robin;
@@ -194,6 +187,8 @@ def test_two_process_search_equals_single(tmp_path):
               "--population", "6", "--batch", "16", "--holdout", "0", "--validate-top", "0", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.getcwd(), os.environ.get("PYTHONPATH")])))
+    from test_ems import _free_port  # the rendezvous port helper of the EMS sharding test
+
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "fewstep.apps.cli", *common, "--device", "cpu",
