@@ -133,6 +133,17 @@ def extra_handset_rows(problem, nfe: int) -> list:
 
     cfg = dict(problem.scheduler_config)
     rows = []
+    # singlestep DPM-Solver-fast on the grids the search's seeds leave out (they have trailing, logsnr-clip)
+    grids = {"power1.3": {"timestep_spacing": "time_power", "timestep_power": 1.3},
+             "power2": {"timestep_spacing": "time_power", "timestep_power": 2.0},
+             "logsnr": {"timestep_spacing": "logsnr", "round_timesteps": False},
+             "karras": {"timestep_spacing": "karras", "round_timesteps": False}}
+    if "time_power" not in NoiseSchedule.from_config(cfg).spacings:
+        grids = {k: v for k, v in grids.items() if not k.startswith("power")}
+    for order in (2, 3):
+        for gname, g in grids.items():
+            rows.append((f"dpmpp-{order}s {gname}", lambda order=order, g=g: DPMSolverPPScheduler.from_config(
+                cfg, solver_order=order, method="singlestep", **g)))
     if problem.ems is not None:
         schedule = NoiseSchedule.from_config(cfg)
         grid = grid_fn(problem.ems, schedule, "logsnr", lo=-3.0, hi=2.5)
