@@ -62,7 +62,8 @@ def ship_name(w: float, nfe: int) -> str:
     return f"digits{'' if w == 1 else f'_cfg{w:g}'}_nfe{nfe}"
 
 
-def _save(data: dict, path: Path = RESULTS) -> None:
+def _save(data: dict, path: Path | None = None) -> None:
+    path = path or RESULTS
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,11 @@ def _save(data: dict, path: Path = RESULTS) -> None:
 
 def _load() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def _set_results(path: str) -> None:
+    global RESULTS
+    RESULTS = Path(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +447,9 @@ def main(argv=None) -> None:
                     help="search logs and references (not committed; default out/usf_search)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS), help="results JSON (parts merge into it)")
     args = ap.parse_args(argv)
+    _set_results(args.out)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/usf_search.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     parts = {"ship": part_ship, "digits": part_digits, "mixture": part_mixture, "proxy": part_proxy,
