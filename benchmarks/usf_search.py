@@ -319,7 +319,8 @@ def part_mixture(args) -> dict:
     for nfe in args.nfe:
         if nfe not in TARGET_NFES and nfe not in args.mixture_nfe:
             continue
-        settings = SearchSettings(nfe=nfe, population=16, batch=1024, seed=0, validate_top=16, holdout=0)
+        settings = SearchSettings(nfe=nfe, population=16, batch=1024, seed=0, validate_top=16, holdout=0,
+                                  predictor=True)
         log = Path(args.cache) / f"mixture_nfe{nfe}.log.json"
         t0 = time.perf_counter()
         res = run_search(problem, settings, budget_evals=args.mixture_budget, log_path=log, resume=log.exists(),
