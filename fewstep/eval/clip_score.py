@@ -106,7 +106,7 @@ class CLIPScorer:
         """``100 * cos`` per (image, prompt) pair, float64 (B,).
 
         ``images``: uint8 (B, C, H, W) or float in [0, 1] (rounded to uint8), or a list of
-        (C, H, W) tensors; C in {1, 3, 4} (grey replicated, alpha dropped).
+        (C, H, W) tensors; C in {1, 2, 3, 4} (grey replicated, alpha composited on white).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of str")

@@ -305,7 +305,9 @@ class Guidance:
 
         Evaluates ``model(x, t, cond)`` over the batch and ``model(x[m], t, uncond[m])`` over the
         samples ``m`` that :meth:`needs_uncond` selects (all of them, a sub-batch when the
-        conditions can be sliced, or none), then combines them.
+        conditions can be sliced, or none), then combines them. When every sample needs both
+        branches and the model has ``evaluate_pair(x, t, cond, uncond) -> (out_cond, out_uncond)``
+        (:class:`fewstep.models.adapters.Denoiser` does), the two run as one batched call.
 
         Returns ``(out, renoise_eps, used)``: the guided raw output for ``scheduler.step``, the
         CFG++ renoise ``eps`` or None, and the number of model evaluations made.
@@ -319,12 +321,17 @@ class Guidance:
             raise ValueError(f"needs_uncond returned {mask.numel()} flags for a batch of {b}")
         if bool(mask.any()) and not bool(mask.all()) and not (can_slice(uncond, b) and x.shape[0] == b):
             mask = torch.ones_like(mask)  # the condition cannot be split: evaluate the whole batch
-        out_c = model(x, t, cond)
+        pair = getattr(model, "evaluate_pair", None)
+        out_u = None
+        if bool(mask.all()) and pair is not None:  # both branches in one batched network call
+            out_c, out_u = pair(x, t, cond, uncond)
+        else:
+            out_c = model(x, t, cond)
         used = 1
         self.sample_evals += 1.0
-        out_u = None
         if bool(mask.all()):
-            out_u = model(x, t, uncond)
+            if out_u is None:
+                out_u = model(x, t, uncond)
             used += 1
             self.sample_evals += 1.0
         elif bool(mask.any()):

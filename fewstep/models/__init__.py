@@ -22,6 +22,8 @@ _EXPORTS = {
     "load_digits_pipeline": ".pipeline",
     "load_digits_classifier": ".classifier",
     "DigitsClassifier": ".classifier",
+    "denoiser": ".adapters",
+    "Denoiser": ".adapters",
 }
 
 __all__ = sorted([*_EXPORTS, "shipped_file"])

@@ -72,7 +72,21 @@ OPTIONAL_CONFIG: dict[str, Any] = {
     "euler_at_final": False,
 }
 
-VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log")
+# DDPMScheduler's variance types; DPM-Solver uses none of them, it only strips learned variance channels
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+#: values other diffusers schedulers write that DPM-Solver++ reads as its own, as diffusers'
+#: ``DPMSolverMultistepScheduler.__init__`` maps them when a pipeline switches schedulers: UniPC's
+#: ``bh1``/``bh2`` and DEIS' ``logrho`` solver types, DEIS' ``deis`` algorithm
+SWITCHED_VALUES: dict[str, dict[str, str]] = {
+    "solver_type": {"bh1": "midpoint", "bh2": "midpoint", "logrho": "midpoint"},
+    "algorithm_type": {"deis": "dpmsolver++"},
+}
+
+
+def switched_values(config: Mapping[str, Any]) -> dict[str, str]:
+    """The entries of ``config`` that :data:`SWITCHED_VALUES` maps, with their mapped values."""
+    return {key: table[config[key]] for key, table in SWITCHED_VALUES.items() if config.get(key) in table}
 
 
 def config_value(config: Mapping[str, Any], key: str):
@@ -94,19 +108,17 @@ def check_config(c: Mapping[str, Any]) -> None:
     order = config_value(c, "solver_order")
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise ValueError(f"solver_order={order!r} is not supported; allowed: 1, 2, 3")
-    if float(c["karras_rho"]) <= 0:
-        raise ValueError(f"karras_rho must be > 0, got {c['karras_rho']}")
+    check_power("karras_rho", c["karras_rho"])
+    if c["thresholding"]:
+        check_thresholding(c["sample_max_value"], c["dynamic_thresholding_ratio"])
     check_power("timestep_power", c["timestep_power"])
     check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
     check_choice("final_sigmas_type", c["final_sigmas_type"], ("zero", "sigma_min"))
     flags = [c["use_karras_sigmas"], c["use_exponential_sigmas"], c["use_lu_lambdas"], c["use_beta_sigmas"]]
     if sum(bool(f) for f in flags) > 1:
         raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive")
-    if c["use_beta_sigmas"]:
-        raise ValueError("use_beta_sigmas is not supported by fewstep; use timestep_spacing='karras' or 'logsnr'")
     check_choice("timestep_spacing", c["timestep_spacing"], GRID_KINDS)
-    if c["variance_type"] not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type={c['variance_type']!r} is not supported")
+    check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
     kind = config_value(c, "schedule_kind")
     check_choice("schedule_kind", kind, (None,) + SCHEDULE_KINDS)
     if config_value(c, "sigma_schedule") is not None:
@@ -116,6 +128,23 @@ def check_config(c: Mapping[str, Any]) -> None:
         raise ValueError(f"rho must be > 0, got {rho}")
     if c["use_flow_sigmas"] and kind not in (None, "flow"):
         raise ValueError(f"use_flow_sigmas=True contradicts schedule_kind={kind!r}")
+
+
+def check_thresholding(sample_max_value, ratio) -> None:
+    """``ValueError`` naming the key unless dynamic thresholding (Saharia et al. 2022) is well defined:
+    the per-sample scale ``s`` is clamped to ``[1, sample_max_value]`` (so ``sample_max_value >= 1``,
+    ``inf`` allowed) and is the ``ratio`` quantile of ``|x0|`` (so ``0 < ratio <= 1``)."""
+    try:
+        v, r = float(sample_max_value), float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"sample_max_value={sample_max_value!r} and dynamic_thresholding_ratio={ratio!r} must be "
+                         "numbers") from None
+    if not v >= 1.0:
+        raise ValueError(f"sample_max_value={sample_max_value!r}: dynamic thresholding scales x0 by s in "
+                         "[1, sample_max_value], so it must be >= 1 (1.0 for pixels in [-1, 1]; DeepFloyd IF: 1.5)")
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio={ratio!r} is the quantile of |x0| used as the scale and must "
+                         "lie in (0, 1] (Imagen: 0.995)")
 
 
 def signature_mismatches(cls) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from diffusers.configuration_utils import register_to_config
 
 from .._imports import moved_names
@@ -20,6 +19,19 @@ from .scheduler import FewstepScheduler
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint", "taylor": "heun"}
 METHODS = ("multistep", "singlestep")
+
+
+def multistep_order(order: int, i: int, n: int, config, lam_t: float) -> int:
+    """The order of multistep step ``i`` of ``n`` after diffusers' final-step rules: first order on
+    the last step with ``euler_at_final``, ``final_sigmas_type="zero"`` or ``lower_order_final``
+    below 15 steps (then at most second order on the one before), and into ``sigma = 0``
+    (``lam_t = inf``), where divided differences do not exist."""
+    if i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
+                       or config.final_sigmas_type == "zero"):
+        return 1
+    if i == n - 2 and config.lower_order_final and n < 15:
+        order = min(order, 2)
+    return 1 if not math.isfinite(lam_t) else order
 
 
 def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
@@ -102,6 +114,8 @@ class DPMSolverPPScheduler(FewstepScheduler):
         sigma_schedule: str | None = None,
         rho: float | None = None,
     ):
+        self._setup()  # maps UniPC's/DEIS' solver and algorithm types first
+        algorithm_type, solver_type = self.config.algorithm_type, self.config.solver_type
         if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(
                 f"algorithm_type={algorithm_type!r} (noise-prediction DPM-Solver) is deprecated in diffusers and not "
@@ -116,19 +130,17 @@ class DPMSolverPPScheduler(FewstepScheduler):
         if method == "singlestep" and algorithm_type != "dpmsolver++":
             raise ValueError("method='singlestep' supports algorithm_type='dpmsolver++' only (SDE is multistep)")
         self._solver_type = SOLVER_TYPES[solver_type]
-        self._setup()
         self._reset_history()
 
     # ---------------------------------------------------------------------- state
     def _reset_history(self) -> None:
-        self._hist: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
         self._stage_state = None  # singlestep: (interval id, x_s, [(lambda, x0), ...])
 
     def _needs_noise(self) -> bool:
         return self.config.algorithm_type == "sde-dpmsolver++"
 
     # ---------------------------------------------------------------------- singlestep planning
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None):
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None):
         """See :meth:`FewstepScheduler.set_timesteps`; for ``method="singlestep"``
         ``num_inference_steps`` is the number of model evaluations and the outer grid gets one point
         per interval of the DPM-Solver-fast order schedule."""
@@ -139,20 +151,21 @@ class DPMSolverPPScheduler(FewstepScheduler):
                 int(num_inference_steps), self.config.solver_order, self.config.final_sigmas_type == "zero"
             )
             num_inference_steps = len(self._orders)
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps, sigmas=sigmas)
 
     def _plan(self, grid: Grid, num_inference_steps) -> Grid:
         if self.config.method != "singlestep":
             return grid
         k = len(grid.timesteps)
+        if self._orders is None:
+            # explicit timesteps/sigmas list every evaluation (as this scheduler's own timesteps do), so
+            # set_timesteps(timesteps=s.timesteps) is idempotent: group them into DPM-Solver-fast intervals
+            self._set_plan(singlestep_orders(k, self.config.solver_order, grid.sigmas[-1] == 0))
+            return grid
         orders = self._orders
-        if orders is None:  # explicit outer grid: full order everywhere, first order into sigma = 0
-            orders = [self.config.solver_order] * k
-            if grid.sigmas[-1] == 0:
-                orders[-1] = 1
         lam = grid.lambdas
         sched = self.schedule
-        t_out, a_out, s_out, plan = [], [], [], []
+        t_out, a_out, s_out = [], [], []
         for j in range(k):
             ratios = {1: [0.0], 2: [0.0, 0.5], 3: [0.0, 1.0 / 3.0, 2.0 / 3.0]}[orders[j]]
             for stage, r in enumerate(ratios):
@@ -165,18 +178,19 @@ class DPMSolverPPScheduler(FewstepScheduler):
                     a_out.append(float(sched.alpha(t_r)))
                     s_out.append(float(sched.sigma(t_r)))
                     t_out.append(round(t_r) if self._rounds_timesteps else t_r)
-                plan.append((j, stage, orders[j]))
-        self._plan_steps = plan
-        self._outer_end = {}  # interval -> index of the grid point that ends it
-        idx = 0
-        for j in range(k):
-            idx += orders[j]
-            self._outer_end[j] = idx
+        self._set_plan(orders)
         return Grid(
             timesteps=np.asarray(t_out, dtype=np.float64),
             alphas=np.append(np.asarray(a_out), grid.alphas[-1]),
             sigmas=np.append(np.asarray(s_out), grid.sigmas[-1]),
         )
+
+    def _set_plan(self, orders: list[int]) -> None:
+        """Evaluation ``i`` is stage ``stage`` of interval ``j`` of order ``orders[j]``; interval ``j``
+        ends at grid point ``_outer_end[j]``."""
+        self._plan_steps = [(j, stage, order) for j, order in enumerate(orders) for stage in range(order)]
+        ends = np.cumsum(orders)
+        self._outer_end = {j: int(ends[j]) for j in range(len(orders))}
 
     # ---------------------------------------------------------------------- updates
     def _update(self, i, x, x0, noise):
@@ -191,17 +205,12 @@ class DPMSolverPPScheduler(FewstepScheduler):
         c = self.config
         n = len(self.timesteps)
         s, t = self._point(i), self._point(i + 1)
-        self._hist.insert(0, (s.lam, x0))
-        del self._hist[c.solver_order :]
-        order = min(c.solver_order, len(self._hist))
-        if i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"):
-            order = 1
-        elif i == n - 2 and c.lower_order_final and n < 15:
-            order = min(order, 2)
-        if not math.isfinite(t.lam):
-            order = 1  # a step into sigma = 0 cannot use divided differences
+        # the history is diffusers' model_outputs (newest last), so pipelines that edit it act on the solver
+        order = min(c.solver_order, self.lower_order_nums + 1)
+        preds = [(float(self._lambdas[i - k]), self.model_outputs[-1 - k]) for k in range(order)]
+        order = multistep_order(order, i, n, c, t.lam)
         d2_weight = 2.0 if (c.exact_third_order and noise is None) else 1.0
-        return multistep_update(x, s, t, self._hist, order, self._solver_type, noise, d2_weight)
+        return multistep_update(x, s, t, preds, order, self._solver_type, noise, d2_weight)
 
     def _singlestep_update(self, i, x, x0):
         j, stage, order = self._plan_steps[i]

@@ -27,8 +27,18 @@ from .configs import (
     noise_schedule_of,
     schedule_from_config,
     schedule_kind_of_config,
+    training_tables,
 )
-from .grids import GRID_KINDS, LAMBDA_SPACINGS, Grid, check_num_inference_steps, check_power, karras_sigmas, make_grid
+from .grids import (
+    GRID_KINDS,
+    LAMBDA_SPACINGS,
+    Grid,
+    beta_sigmas,
+    check_num_inference_steps,
+    check_power,
+    karras_sigmas,
+    make_grid,
+)
 from .kinds import (
     EDM_SIGMA_SCHEDULES,
     SCHEDULE_KINDS,
@@ -57,6 +67,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "SCHEDULE_KINDS",
     "alphas_cumprod_from_config",
+    "beta_sigmas",
     "check_choice",
     "check_num_inference_steps",
     "check_power",
@@ -72,4 +83,5 @@ __all__ = [
     "schedule_from_config",
     "schedule_kind_of_config",
     "to_x0_eps",
+    "training_tables",
 ]

@@ -71,6 +71,11 @@ class NoiseSchedule(metaclass=_KindDispatch):
     spacings: tuple[str, ...] = ()
     #: initial noise scale of ``x_T`` (``scheduler.init_noise_sigma``)
     init_noise_sigma = 1.0
+    #: the kind takes diffusers' dynamic shifting ``mu`` (:meth:`set_dynamic_shift`)
+    dynamic_shift = False
+    #: diffusers scheduler classes that read a scheduler config of this kind as the same model
+    #: (``scheduler.compatibles``; a class missing a keyword of the kind would change the model)
+    diffusers_schedulers: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -133,6 +138,8 @@ class NoiseSchedule(metaclass=_KindDispatch):
             return "logsnr"
         if config.get("use_exponential_sigmas"):
             return "exponential"
+        if config.get("use_beta_sigmas"):
+            return "beta"
         return config["timestep_spacing"]
 
     def set_dynamic_shift(self, mu: float) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -75,48 +75,94 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
 def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
     Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so the last is 0.
-    Runs in the dtype of ``betas`` (float32 for parity with diffusers)."""
+    Runs in the dtype of ``betas`` with diffusers' order of operations (float32: bit-identical)."""
     ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
-    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))
     ab = ab_sqrt**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
 
 
-def alphas_cumprod_from_config(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-    beta_schedule: str = "linear",
-    trained_betas: Sequence[float] | None = None,
-    rescale_betas_zero_snr: bool = False,
-) -> np.ndarray:
-    """Cumulative product of ``1 - beta`` (``alpha_bar``, length ``num_train_timesteps``) for the
-    diffusers beta keywords. Computed in float32 first, exactly as diffusers does, so fewstep and
-    diffusers schedulers see bit-identical training schedules; returned as float64.
+def _check_beta(name: str, value) -> float:
+    """``value`` as a float when it is a valid noise variance in (0, 1), else a ``ValueError``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name}={value!r} is not a valid beta (noise variance of one training step): betas must "
+                         "lie in (0, 1); Stable Diffusion uses beta_start=0.00085, beta_end=0.012")
+    return v
 
-    With ``rescale_betas_zero_snr`` the last entry is set to ``2**-24`` (diffusers PR #7097) so
-    that ``sigma/alpha`` stays finite.
-    """
-    if num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+
+#: diffusers' beta keywords (they define a discrete schedule's training tables) and their defaults
+BETA_DEFAULTS: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                                 "beta_schedule": "linear", "trained_betas": None, "rescale_betas_zero_snr": False}
+
+
+def training_tables(config: Mapping[str, Any] | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    """diffusers' float32 training tables ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod``
+    for the beta keywords (:data:`BETA_DEFAULTS`, read from ``config`` and then ``kwargs``; other keys
+    are ignored), computed exactly as diffusers' DDPM-family schedulers do (bit-identical). With
+    ``rescale_betas_zero_snr`` the last ``alphas_cumprod`` is set to ``2**-24`` (diffusers PR #7097)
+    so that ``sigma/alpha`` stays finite. Bad values raise a ``ValueError`` naming the keyword."""
+    c = {k: v for k, v in {**(config or {}), **kwargs}.items() if k in BETA_DEFAULTS}
+    num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr = (
+        c.get(k, default) for k, default in BETA_DEFAULTS.items())
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) \
+            or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
     if trained_betas is not None:
-        betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+        tb = np.asarray(trained_betas, dtype=np.float64)
+        if tb.ndim != 1 or len(tb) < 2 or not np.all((tb > 0) & (tb < 1)):
+            raise ValueError("trained_betas must be a 1-D sequence of at least 2 values in (0, 1)")
+        betas = torch.tensor(tb, dtype=torch.float32)
     else:
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+            betas = torch.linspace(_check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end),
+                                   num_train_timesteps, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+            lo, hi = _check_beta("beta_start", beta_start) ** 0.5, _check_beta("beta_end", beta_end) ** 0.5
+            betas = torch.linspace(lo, hi, num_train_timesteps, dtype=torch.float32) ** 2
         else:
             betas = torch.tensor(_cosine_betas(num_train_timesteps), dtype=torch.float32)
     if rescale_betas_zero_snr:
         betas = _zero_terminal_snr(betas)
-    ac = torch.cumprod(1.0 - betas, dim=0)
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, dim=0)
     if rescale_betas_zero_snr:
         ac[-1] = 2**-24
-    return ac.double().numpy()
+    return {"betas": betas, "alphas": alphas, "alphas_cumprod": ac}
+
+
+def _monotone_terminal(ac: np.ndarray) -> np.ndarray:
+    """``alphas_cumprod`` with the entries that fall to or below the forced terminal value ``ac[-1]``
+    (diffusers' float32 zero-terminal-SNR table of linear betas: t = 996-998 lie below ``2**-24``)
+    replaced by the half log-SNR interpolated linearly from the last entry above it to ``ac[-1]``."""
+    low = np.nonzero(ac[:-1] <= ac[-1])[0]
+    if len(low) == 0 or low[0] == 0:
+        return ac
+    k0 = int(low[0]) - 1
+    lam = 0.5 * (np.log(ac) - np.log1p(-ac))
+    w = (np.arange(k0 + 1, len(ac) - 1) - k0) / (len(ac) - 1 - k0)
+    out = ac.copy()
+    out[k0 + 1 : -1] = 1.0 / (1.0 + np.exp(-2.0 * (lam[k0] + w * (lam[-1] - lam[k0]))))
+    return out
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any] | None = None, **kwargs) -> np.ndarray:
+    """Cumulative product of ``1 - beta`` (``alpha_bar``, length ``num_train_timesteps``) for the
+    diffusers beta keywords (as :func:`training_tables` takes them), as float64: diffusers' float32
+    table, so fewstep and diffusers schedulers see bit-identical training schedules. One exception
+    keeps the schedule monotone: with ``rescale_betas_zero_snr`` the entries diffusers' float32
+    rounding puts below the forced terminal ``2**-24`` (linear betas: t = 996-998) are interpolated
+    in half log-SNR."""
+    tables = training_tables(config, **kwargs)
+    ac = tables["alphas_cumprod"].double().numpy()
+    zero_snr = {**(config or {}), **kwargs}.get("rescale_betas_zero_snr", False)
+    return _monotone_terminal(ac) if zero_snr else ac
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +196,9 @@ def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
     kind = schedule_kind_of_config(cfg)
     if kind == FlowMatchingSchedule.KIND:
         # fewstep/diffusers-DPM configs say `flow_shift`; FlowMatch configs say `shift`
-        shift = cfg.get("shift") if is_flow_matching_config(cfg) else cfg.get("flow_shift")
-        return FlowMatchingSchedule(num_train_timesteps=n, shift=float(shift or 1.0))
+        name = "shift" if is_flow_matching_config(cfg) else "flow_shift"
+        shift = cfg.get(name)
+        return FlowMatchingSchedule(num_train_timesteps=n, shift=1.0 if shift is None else shift, shift_name=name)
     if kind == EDMSchedule.KIND:
         return EDMSchedule(
             num_train_timesteps=n,
@@ -160,14 +207,7 @@ def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
             sigma_data=0.5 if cfg.get("sigma_data") is None else cfg["sigma_data"],
         )
     check_choice("schedule_kind", kind, (DiscreteVPSchedule.KIND, FlowMatchingSchedule.KIND, EDMSchedule.KIND))
-    ac = alphas_cumprod_from_config(
-        num_train_timesteps=n,
-        beta_start=float(cfg.get("beta_start", 0.0001)),
-        beta_end=float(cfg.get("beta_end", 0.02)),
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        trained_betas=cfg.get("trained_betas"),
-        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-    )
+    ac = alphas_cumprod_from_config(dict(cfg, num_train_timesteps=n))
     lmc = cfg.get("lambda_min_clipped", -math.inf)
     return DiscreteVPSchedule(alphas_cumprod=ac, lambda_min_clipped=float(lmc))
 

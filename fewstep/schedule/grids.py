@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # kinds imports this module
     from .kinds import NoiseSchedule
 
 TIME_POWER = "time_power"
-LAMBDA_SPACINGS = ("logsnr", "karras", "exponential")
+LAMBDA_SPACINGS = ("logsnr", "karras", "exponential", "beta")
+#: the Beta distribution of the ``beta`` spacing (Lee et al. 2024; diffusers' ``use_beta_sigmas``)
+BETA_SPACING_AB = (0.6, 0.6)
 GRID_KINDS = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS + (TIME_POWER,)
 
 
@@ -51,12 +53,24 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024 ("Beta Sampling is All You Need"): ``n`` sigmas from ``sigma_max`` to ``sigma_min``
+    at the quantiles ``ppf(1 - i/(n-1))`` of Beta(a, b), denser at both ends (diffusers' ``_convert_to_beta``)."""
+    from scipy.stats import beta as beta_distribution
+
+    ppf = beta_distribution.ppf(1.0 - np.linspace(0.0, 1.0, n), a, b)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
 def lambda_spaced_times(schedule: "NoiseSchedule", n: int, spacing: str, rho: float) -> np.ndarray:
     """Times of ``n`` points spaced in lambda over ``schedule.grid_lambda_range``: ``logsnr`` and
-    ``exponential`` uniform in lambda, ``karras`` Eq. 5 in ``e^{-lambda} = sigma/alpha`` with ``rho``."""
+    ``exponential`` uniform in lambda, ``karras`` Eq. 5 in ``e^{-lambda} = sigma/alpha`` with ``rho``,
+    ``beta`` the Beta(0.6, 0.6) quantiles in ``sigma/alpha`` (:func:`beta_sigmas`)."""
     lam_lo, lam_hi = schedule.grid_lambda_range
     if spacing == "karras":
         lam = -np.log(karras_sigmas(math.exp(-lam_hi), math.exp(-lam_lo), n, rho))
+    elif spacing == "beta":
+        lam = -np.log(beta_sigmas(math.exp(-lam_hi), math.exp(-lam_lo), n, *BETA_SPACING_AB))
     else:
         lam = np.linspace(lam_lo, lam_hi, n)
     return np.asarray(schedule.t_of_lambda(lam), dtype=np.float64)
@@ -79,7 +93,8 @@ def make_grid(
 
     ``spacing``: ``linspace``/``leading``/``trailing`` (diffusers' time-uniform grids; ``leading``
     adds ``steps_offset``), ``logsnr`` (uniform in lambda), ``karras`` (Karras et al. 2022 Eq. 5 in
-    ``sigma/alpha``, exponent ``rho``), ``exponential`` (uniform in ``log(sigma/alpha)``), ``time_power``
+    ``sigma/alpha``, exponent ``rho``), ``exponential`` (uniform in ``log(sigma/alpha)``), ``beta``
+    (Beta(0.6, 0.6) quantiles in ``sigma/alpha``, Lee et al. 2024), ``time_power``
     (discrete VP: ``t_i = T (1 - i/n)^power - 1``, ``T = t_max + 1``). Explicit ``timesteps``
     (training scale) or ``sigmas`` (diffusers' public sigmas; a trailing ``0`` is the end point)
     replace the spacing. ``final_sigma``: end at ``sigma = 0`` (``"zero"``) or at the schedule's

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._arrays import as64, interp, lib
 from .base import KINDS, NoiseSchedule
-from .grids import LAMBDA_SPACINGS, TIME_POWER, Grid, lambda_spaced_times, make_grid
+from .grids import LAMBDA_SPACINGS, TIME_POWER, Grid, check_power, lambda_spaced_times, make_grid
 from .prediction import EDM_PREDICTION_TYPES, edm_c_noise, edm_preconditioning
 
 
@@ -29,6 +29,13 @@ class DiscreteVPSchedule(NoiseSchedule):
     KIND = "discrete"
     FIELDS = ("alphas_cumprod", "lambda_min_clipped", "num_train_timesteps")
     integer_times = True
+    # diffusers' DDPM-family schedulers (KarrasDiffusionSchedulers without EDMEulerScheduler)
+    diffusers_schedulers = (
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+        "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
+    )
     spacings = ("linspace", "leading", "trailing", TIME_POWER) + LAMBDA_SPACINGS
 
     def __init__(self, alphas_cumprod=None, lambda_min_clipped: float = -math.inf,
@@ -45,6 +52,13 @@ class DiscreteVPSchedule(NoiseSchedule):
         self.num_train_timesteps = len(ac)
         self._t_grid = np.arange(len(ac), dtype=np.float64)
         self._lam_grid = 0.5 * (np.log(ac) - np.log1p(-ac))
+        if math.isnan(lambda_min_clipped) or self.t_max < 1:
+            raise ValueError(
+                f"lambda_min_clipped={lambda_min_clipped!r} leaves no noise range to sample: it clips the training "
+                f"timesteps whose half log-SNR lies below it, and must be at most {self._lam_grid[1]:.3g} (the half "
+                "log-SNR at t = 1 of this schedule) or -inf (off); diffusers uses -5.1 for cosine (squaredcos_cap_v2) "
+                "schedules"
+            )
 
     def lambda_(self, t):
         """Half log-SNR ``log(alpha/sigma)`` at training-scale time ``t`` (float64)."""
@@ -115,13 +129,16 @@ class FlowMatchingSchedule(NoiseSchedule):
 
     KIND = "flow"
     FIELDS = ("num_train_timesteps", "shift")
+    dynamic_shift = True
+    # the diffusers solvers with use_flow_sigmas/flow_shift; FlowMatch schedulers read `shift`, which a
+    # DPM-style config does not carry, so they would sample with shift 1
+    diffusers_schedulers = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                            "DEISMultistepScheduler")
     spacings = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, shift_name: str = "shift"):
         self.num_train_timesteps = int(num_train_timesteps)
-        self.shift = shift
+        self.shift = check_power(shift_name, shift)
 
     def lambda_(self, t):
         """``log((1 - s) / s)`` with ``s = t / N`` (float64)."""
@@ -156,6 +173,8 @@ class FlowMatchingSchedule(NoiseSchedule):
             raise ValueError(f"prediction_type={prediction_type!r} is not meaningful with flow sigmas")
 
     def set_dynamic_shift(self, mu):
+        if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating, np.integer)) or not math.isfinite(mu):
+            raise ValueError(f"mu={mu!r} must be a finite number (the dynamic shift is exp(mu))")
         self.shift = float(math.exp(mu))
 
     def public_sigmas(self, alphas, sigmas):
@@ -202,6 +221,7 @@ class EDMSchedule(NoiseSchedule):
 
     KIND = "edm"
     FIELDS = ("sigma_min", "sigma_max", "sigma_data", "num_train_timesteps")
+    diffusers_schedulers = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
     spacings = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS
 
     def __init__(self, sigma_min: float | None = 0.002, sigma_max: float | None = 80.0, sigma_data: float = 0.5,
@@ -278,7 +298,7 @@ class EDMSchedule(NoiseSchedule):
     def scheduler_config(self, config, rho):
         """The grid is ``sigma_schedule`` (diffusers' flags do not apply); the resolved EDM values are
         stored so a saved config states them and diffusers' EDM schedulers can load it."""
-        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"):
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas", "use_beta_sigmas"):
             if config.get(flag, False):
                 raise ValueError(f"{flag}=True does not apply to an EDM schedule; choose the grid with sigma_schedule")
         return dict(schedule_kind=self.KIND, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
