@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from .options import DIGITS, add_device_option, add_parser, add_threads_option, apply_threads, check_threads
+
 
 def parse_budget(text) -> tuple[int | None, float | None]:
     """``"300"`` -> 300 evaluations; ``"20m"``/``"20min"`` -> 20 minutes; ``ValueError`` otherwise."""
@@ -38,7 +40,8 @@ def _check_args(args: argparse.Namespace):
     if not 2 <= args.nfe <= 20:
         raise ValueError(f"--nfe {args.nfe} is not allowed; allowed: 2..20 (the search targets 3..10)")
     budget = parse_budget(args.budget)
-    for name in ("population", "batch", "reference_steps", "fd_samples", "pool", "threads", "validate_top"):
+    check_threads(args.threads)
+    for name in ("population", "batch", "reference_steps", "fd_samples", "pool", "validate_top"):
         if getattr(args, name) < (0 if name == "validate_top" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.holdout < 0:
@@ -70,12 +73,10 @@ def _problem(args, device):
 
 def _run(args: argparse.Namespace) -> int:
     (budget_evals, budget_minutes), log = _check_args(args)
-    import torch
-
+    apply_threads(args.threads, tiny=args.model == DIGITS)  # before torch loads: OpenMP reads the variable once
     from fewstep.device import launched_processes
     from fewstep.samplers.search import SearchSettings, format_report, holdout_report, run_search
 
-    torch.set_num_threads(args.threads)
     settings = SearchSettings(nfe=args.nfe, population=args.population, batch=args.batch, seed=args.seed,
                               proxy=args.proxy, fd_samples=args.fd_samples, reference_steps=args.reference_steps,
                               predictor=args.predictor, pool=args.pool, v3=not args.no_v3, holdout=args.holdout,
@@ -106,8 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``search`` subcommand."""
-    p = subparsers.add_parser("search", help="search a USF solver schedule for a model at a fixed NFE",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(subparsers, "search", help="search a USF solver schedule for a model at a fixed NFE",
+                   description=__doc__)
     p.add_argument("--model", default="digits", help="'digits', a diffusers pipeline folder, or module:callable")
     p.add_argument("--nfe", type=int, required=True, help="model evaluations per sample (3..10 is the target range)")
     p.add_argument("--out", required=True, help="where to write the best schedule (JSON)")
@@ -133,7 +134,7 @@ def register(subparsers) -> None:
                    help="EMS for v3 steps: auto (digits: the shipped set of the guidance scale), none, a path or name")
     p.add_argument("--no-v3", action="store_true", help="no DPM-Solver-v3 steps in the search space")
     p.add_argument("--holdout", type=int, default=200, help="held-out report samples; 0: no report (default: 200)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: 1)")
+    add_device_option(p)
+    add_threads_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
