@@ -376,6 +376,7 @@ def test_shipped_schedules_load_run_and_match_configs():
     from fewstep.samplers.usf_schedule import ems_fingerprint
 
     configs = Path(__file__).resolve().parent.parent / "configs" / "usf"
+    assert sorted(p.name for p in configs.glob("*.json")) == sorted(f.removeprefix("usf_") for f in SHIPPED.values())
     pipe = load_digits_pipeline()
     for name, file in SHIPPED.items():
         assert shipped_file(file).read_bytes() == (configs / file.removeprefix("usf_")).read_bytes(), name
