@@ -21,6 +21,8 @@ Parts (``--part``, several allowed):
   correlations.
 * ``predictor``: searches on the mixture with and without the S^3 predictor, three seeds each: best
   score after each evaluation count, evaluations to reach the no-predictor final best.
+* ``plot``: ``benchmarks/results/usf_search.png`` (digits RMSE and FD-digits against NFE, the mixture,
+  the predictor curves) and the target summary table, from the results JSON.
 
 Targets (issue 13): at NFE 4, 5, 6 the searched schedule's RMSE to the reference is <= 0.6x the best
 hand-set configuration and its FD-digits is lower; the same on the mixture; one search < 20 minutes.
@@ -427,10 +429,88 @@ def part_predictor(args) -> dict:
     return out
 
 
+def _mean(v) -> float:
+    v = [x for x in v if not math.isnan(x)]
+    return statistics.fmean(v) if v else math.nan
+
+
+def part_plot(args) -> dict:
+    """benchmarks/results/usf_search.png from the results JSON: digits RMSE and FD-digits against NFE
+    (the USF schedule, the best hand-set row per NFE, diffusers' schedulers), the mixture RMSE, the
+    predictor's best-so-far curves and the proxy scatter; prints the target summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = _load()
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    digits, mixture = res.get("digits", {}), res.get("mixture", {})
+    summary = {}
+    for key, label, with_fd in [(k, f"digits w={v['w']:g}", True) for k, v in sorted(digits.items())] + \
+            [(k, "mixture d64", False) for k in sorted(mixture)]:
+        entry = (digits if with_fd else mixture)[key]
+        s = entry["summary"]
+        summary[f"{label} nfe{entry['nfe']}"] = {k: s[k] for k in ("ratio", "ratio_target_met", "usf_rmse",
+                                                                   "best_handset", "best_handset_rmse")}
+        if with_fd:
+            summary[f"{label} nfe{entry['nfe']}"].update({k: s[k] for k in ("usf_fd", "best_handset_fd",
+                                                                            "best_handset_fd_row", "fd_target_met")})
+    for ax, (metric, title) in zip(axes[:2], [("rmse", "digits w=1: RMSE to 1000-step reference"),
+                                              ("fd", "digits w=1: FD-digits")]):
+        rows = {k: v for k, v in digits.items() if v["w"] == 1}
+        nfes = sorted(v["nfe"] for v in rows.values())
+        by_nfe = {v["nfe"]: v for v in rows.values()}
+
+        def series(pick):
+            return [_mean(pick(by_nfe[n])) for n in nfes]
+
+        ax.plot(nfes, series(lambda e: e["rows"][e["summary"]["usf"]][metric]), "o-", lw=2, label="USF (searched)")
+        best_key = "best_handset" if metric == "rmse" else "best_handset_fd_row"
+        ax.plot(nfes, series(lambda e: e["rows"][e["summary"][best_key]][metric]), "s--",
+                label="best hand-set or diffusers (per NFE)")
+        for name in ("diffusers unipc", "diffusers deis", "diffusers dpmpp-2m"):
+            got = [n for n in nfes if any(k.startswith(name) for k in by_nfe[n]["rows"])]
+            if got:
+                vals = [_mean(next(r for k, r in by_nfe[n]["rows"].items() if k.startswith(name))[metric]) for n in got]
+                ax.plot(got, vals, ":", marker=".", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for nfe_key, e in sorted(mixture.items()):
+        ax.bar([f"{e['nfe']} usf", f"{e['nfe']} hand"], [e["summary"]["usf_rmse"], e["summary"]["best_handset_rmse"]])
+    ax.set_yscale("log")
+    ax.set_title("mixture d64: RMSE to the exact ODE solution")
+    pred = res.get("predictor", {}).get("runs", {})
+    ax = axes[3]
+    for name, run in sorted(pred.items()):
+        ax.plot(range(1, len(run["best_so_far"]) + 1), run["best_so_far"], "-" if name.startswith("with ") else "--",
+                label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluations")
+    ax.set_title("mixture NFE 5: best score so far (S^3 predictor)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(args.out).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    print("\n| setting | USF RMSE | best hand-set (RMSE) | ratio (target <= 0.6) | USF FD | best hand-set FD "
+          "| FD lower |")
+    print("|---|---|---|---|---|---|---|")
+    for k, s in summary.items():
+        fd = (f"{s['usf_fd']:.2f} | {s['best_handset_fd']:.2f} ({s['best_handset_fd_row']}) | "
+              f"{'yes' if s['fd_target_met'] else 'no'}") if "usf_fd" in s else "- | - | -"
+        print(f"| {k} | {s['usf_rmse']:.4f} | {s['best_handset']} ({s['best_handset_rmse']:.4f}) | {s['ratio']:.3f} "
+              f"({'met' if s['ratio_target_met'] else 'missed'}) | {fd} |")
+    return summary
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", nargs="+", default=["digits", "mixture", "proxy", "predictor"],
-                    choices=["ship", "digits", "mixture", "proxy", "predictor"])
+                    choices=["ship", "digits", "mixture", "proxy", "predictor", "plot"])
     ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget at NFE 4-6 (minutes)")
     ap.add_argument("--minutes-other", type=float, default=10.0, help="ship: search budget at NFE 3 and 8")
     ap.add_argument("--only-nfe", type=int, nargs="*", default=None, help="ship: only these NFE")
@@ -454,7 +534,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/usf_search.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     parts = {"ship": part_ship, "digits": part_digits, "mixture": part_mixture, "proxy": part_proxy,
-             "predictor": part_predictor}
+             "predictor": part_predictor, "plot": part_plot}
     for part in args.part:
         t0 = time.perf_counter()
         parts[part](args)
