@@ -21,6 +21,8 @@ Parts (``--part``, several allowed):
   correlations.
 * ``predictor``: searches on the mixture with and without the S^3 predictor, three seeds each: best
   score after each evaluation count, evaluations to reach the no-predictor final best.
+* ``reference``: FD-digits of the held-out 1000-step references themselves (what an exact solver
+  reaches), to read the FD differences between accurate solvers against.
 * ``plot``: ``benchmarks/results/usf_search.png`` (digits RMSE and FD-digits against NFE, the mixture,
   the predictor curves) and the target summary table, from the results JSON.
 
@@ -429,6 +431,29 @@ def part_predictor(args) -> dict:
     return out
 
 
+def part_reference(args) -> dict:
+    """FD-digits and accuracy of the 1000-step reference solutions themselves (the held-out batches of
+    ``digits``; references from the cache, computed when missing): the FD a solver reaches when it
+    matches the ODE solution exactly, so the FD differences between accurate solvers can be read."""
+    from fewstep.samplers.search_problem import digits_problem
+
+    out = {}
+    for w in args.guidance:
+        problem = digits_problem(w)
+        rows = {"fd": [], "acc": []}
+        for seed in args.holdout_seeds:
+            batch = problem.make_batch(args.n, seed)
+            fd, acc = fd_acc(reference_cached(problem, batch, seed, args.ref_steps, Path(args.cache)), batch)
+            rows["fd"].append(fd)
+            rows["acc"].append(acc)
+        out[f"w{w:g}"] = {**rows, "fd_mean": _mean(rows["fd"]), "seeds": args.holdout_seeds, "n": args.n,
+                          "steps": args.ref_steps}
+        print(f"reference ({args.ref_steps} steps) w={w:g}: FD-digits {', '.join(f'{x:.3f}' for x in rows['fd'])} "
+              f"(mean {_mean(rows['fd']):.3f}), accuracy {_mean(rows['acc']):.4f}", flush=True)
+    _save({"reference": out})
+    return out
+
+
 def _mean(v) -> float:
     v = [x for x in v if not math.isnan(x)]
     return statistics.fmean(v) if v else math.nan
@@ -474,6 +499,9 @@ def part_plot(args) -> dict:
             if got:
                 vals = [_mean(next(r for k, r in by_nfe[n]["rows"].items() if k.startswith(name))[metric]) for n in got]
                 ax.plot(got, vals, ":", marker=".", label=name)
+        ref = res.get("reference", {}).get("w1")
+        if metric == "fd" and ref:
+            ax.axhline(ref["fd_mean"], color="k", lw=0.8, label=f"{ref['steps']}-step reference itself")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_title(title)
@@ -510,7 +538,7 @@ def part_plot(args) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", nargs="+", default=["digits", "mixture", "proxy", "predictor"],
-                    choices=["ship", "digits", "mixture", "proxy", "predictor", "plot"])
+                    choices=["ship", "digits", "mixture", "proxy", "predictor", "reference", "plot"])
     ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget at NFE 4-6 (minutes)")
     ap.add_argument("--minutes-other", type=float, default=10.0, help="ship: search budget at NFE 3 and 8")
     ap.add_argument("--only-nfe", type=int, nargs="*", default=None, help="ship: only these NFE")
@@ -534,7 +562,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/usf_search.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     parts = {"ship": part_ship, "digits": part_digits, "mixture": part_mixture, "proxy": part_proxy,
-             "predictor": part_predictor, "plot": part_plot}
+             "predictor": part_predictor, "reference": part_reference, "plot": part_plot}
     for part in args.part:
         t0 = time.perf_counter()
         parts[part](args)
