@@ -352,7 +352,7 @@ def part_proxy(args) -> dict:
     from fewstep.samplers.search_problem import digits_problem
     from fewstep.samplers.usf_schedule import USFSchedule
 
-    out = {}
+    out = _load().get("proxy", {})
     for w in args.guidance:
         name = ship_name(w, 5)
         log = Path(args.cache) / f"{name}.log.json"
@@ -437,7 +437,7 @@ def part_reference(args) -> dict:
     matches the ODE solution exactly, so the FD differences between accurate solvers can be read."""
     from fewstep.samplers.search_problem import digits_problem
 
-    out = {}
+    out = _load().get("reference", {})
     for w in args.guidance:
         problem = digits_problem(w)
         rows = {"fd": [], "acc": []}
