@@ -478,6 +478,13 @@ def part_plot(args) -> dict:
         s = entry["summary"]
         summary[f"{label} nfe{entry['nfe']}"] = {k: s[k] for k in ("ratio", "ratio_target_met", "usf_rmse",
                                                                    "best_handset", "best_handset_rmse")}
+        summary[f"{label} nfe{entry['nfe']}"]["per_seed"] = s["ratio_per_seed"]
+        rows = entry["rows"]
+        diff = min((k for k, r in rows.items() if r["group"] == "diffusers"), key=lambda k: _mean(rows[k]["rmse"]),
+                   default=None)
+        if diff is not None:  # the best of diffusers' schedulers alone, for the README question
+            summary[f"{label} nfe{entry['nfe']}"].update({"best_diffusers": diff, "ratio_to_best_diffusers": _mean(
+                rows[s["usf"]]["rmse"]) / _mean(rows[diff]["rmse"])})
         if with_fd:
             summary[f"{label} nfe{entry['nfe']}"].update({k: s[k] for k in ("usf_fd", "best_handset_fd",
                                                                             "best_handset_fd_row", "fd_target_met")})
@@ -524,14 +531,16 @@ def part_plot(args) -> dict:
     out = Path(args.out).with_suffix(".png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
-    print("\n| setting | USF RMSE | best hand-set (RMSE) | ratio (target <= 0.6) | USF FD | best hand-set FD "
-          "| FD lower |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| setting | USF RMSE | best hand-set (RMSE) | ratio (target <= 0.6) | per seed | USF / best diffusers "
+          "| USF FD | best hand-set FD | FD lower |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k, s in summary.items():
         fd = (f"{s['usf_fd']:.2f} | {s['best_handset_fd']:.2f} ({s['best_handset_fd_row']}) | "
               f"{'yes' if s['fd_target_met'] else 'no'}") if "usf_fd" in s else "- | - | -"
+        diff = f"{s['ratio_to_best_diffusers']:.3f} ({s['best_diffusers']})" if "best_diffusers" in s else "-"
         print(f"| {k} | {s['usf_rmse']:.4f} | {s['best_handset']} ({s['best_handset_rmse']:.4f}) | {s['ratio']:.3f} "
-              f"({'met' if s['ratio_target_met'] else 'missed'}) | {fd} |")
+              f"({'met' if s['ratio_target_met'] else 'missed'}) | {', '.join(f'{r:.3f}' for r in s['per_seed'])} | "
+              f"{diff} | {fd} |")
     return summary
 
 
