@@ -183,7 +183,8 @@ def extra_handset_rows(problem, nfe: int) -> list:
     if momentum is not None:
         cls = getattr(momentum, "MomentumScheduler", None)
         if cls is not None:
-            rows.append(("momentum hb-0.8 trailing", lambda: cls.from_config(cfg, timestep_spacing="trailing")))
+            # the class defaults: GHVB on the PLMS4 base with beta 0.8 (momentum number 3.8)
+            rows.append(("momentum ghvb-3.8 trailing", lambda: cls.from_config(cfg, timestep_spacing="trailing")))
     return rows
 
 
