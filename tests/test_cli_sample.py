@@ -40,7 +40,8 @@ def test_registry_names_build_and_keep_the_config():
     for name in names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # dpm-v3 without EMS falls back, with a warning
-            s = make_scheduler(name, DIGITS_CONFIG)
+            # usf has no default schedule: the user names one (here the shipped unguided NFE-6 schedule)
+            s = make_scheduler(name, DIGITS_CONFIG, {"schedule": "digits-nfe6"} if name == "usf" else None)
         assert s.config.prediction_type == "v_prediction", name
         assert s.config.beta_schedule == "squaredcos_cap_v2", name
         s.set_timesteps(6)

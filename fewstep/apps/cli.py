@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "fewstep.apps.cmd_guidance",
     "fewstep.apps.cmd_distill",
     "fewstep.apps.cmd_lcsc",
+    "fewstep.apps.cmd_search",
 )
 
 

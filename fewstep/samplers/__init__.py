@@ -21,6 +21,7 @@ _EXPORTS = {
     "FewstepSchedulerOutput": ".scheduler",
     "noise_schedule_of": "..schedule",
     "threshold_x0": ".scheduler",
+    "USFScheduler": ".usf",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FewstepSchedulerOutput",
     "noise_schedule_of",
     "threshold_x0",
+    "USFScheduler",
 ]
 
 

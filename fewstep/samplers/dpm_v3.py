@@ -24,6 +24,32 @@ EMS_FILENAME = "ems.safetensors"
 HALF_REGIONS = ("noisy", "clean")
 
 
+def snap_to_ems(ems: EMS, lambdas: np.ndarray, t_of_lambda, num_points: int) -> tuple[EMS, np.ndarray]:
+    """``(run_ems, idx)``: the nearest EMS grid index of each (finite) lambda, the official snapping
+    ``round(N (lambda - lambda_0) / (lambda_N - lambda_0))`` (a ``ValueError`` outside the EMS range).
+    When two points would snap onto one grid point (a zero-length step), the EMS linearly
+    interpolated onto the smallest finer grid that separates them (:meth:`EMS.refined`, up to
+    ``MAX_REFINE`` times, with a warning) and the indices on it. ``t_of_lambda``: the schedule's
+    inverse of lambda; ``num_points``: the number of sampling points, for messages."""
+    idx = ems.index_of(lambdas)  # also checks the points lie inside the EMS range
+    factor = 1
+    while len(np.unique(idx)) != len(idx):
+        # more sampling points than the EMS grid resolves: snapping would merge points (a
+        # zero-length step); sample on a finer, interpolated copy of the EMS instead
+        factor += 1
+        if factor > MAX_REFINE:
+            raise ValueError(f"{num_points} steps put several points on the same EMS grid point even "
+                             f"on a {MAX_REFINE}x refined EMS grid (num_grid={ems.num_grid})")
+        idx = ems.index_of(lambdas, refine=factor)
+    if factor == 1:
+        return ems, idx
+    warnings.warn(
+        f"{num_points} sampling points are finer than the EMS grid (num_grid={ems.num_grid}): "
+        f"using the EMS linearly interpolated onto a {factor}x finer grid; compute EMS with a larger "
+        "num_grid to measure them there", UserWarning, stacklevel=4)
+    return ems.refined(factor, t_of_lambda), idx
+
+
 class DPMSolverV3Scheduler(FewstepScheduler):
     """DPM-Solver-v3 (Zheng et al., NeurIPS 2023, arXiv 2310.13268): multistep predictor of order
     1-3 (paper Alg. 1 / Eq. 13), pseudo-order derivative estimates, and the corrector without extra
@@ -189,22 +215,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
             return grid
         lam = grid.lambdas
         finite = np.isfinite(lam)
-        idx = self.ems.index_of(lam[finite])  # also checks the grid lies inside the EMS range
-        factor = 1
-        while len(np.unique(idx)) != len(idx):
-            # more sampling points than the EMS grid resolves: snapping would merge points (a
-            # zero-length step); sample on a finer, interpolated copy of the EMS instead
-            factor += 1
-            if factor > MAX_REFINE:
-                raise ValueError(f"{len(grid.timesteps)} steps put several points on the same EMS grid point even "
-                                 f"on a {MAX_REFINE}x refined EMS grid (num_grid={self.ems.num_grid})")
-            idx = self.ems.index_of(lam[finite], refine=factor)
-        if factor > 1:
-            self._run_ems = self.ems.refined(factor, self.schedule.t_of_lambda)
-            warnings.warn(
-                f"{len(grid.timesteps)} sampling points are finer than the EMS grid (num_grid={self.ems.num_grid}): "
-                f"using the EMS linearly interpolated onto a {factor}x finer grid; compute EMS with a larger "
-                "num_grid to measure them there", UserWarning, stacklevel=3)
+        self._run_ems, idx = snap_to_ems(self.ems, lam[finite], self.schedule.t_of_lambda, len(grid.timesteps))
         ems = self._run_ems
         n = len(grid.timesteps)
         ts_all = ems.timesteps[idx]

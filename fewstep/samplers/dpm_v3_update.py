@@ -11,9 +11,11 @@ with ``g_lambda = e^{S_s - S_lambda} f_lambda - e^{S_s} (B_lambda - B_s)`` (pape
 
 with ``g^(k)`` from earlier points (:func:`derivative_estimates`, paper Sec. 3.2-3.3). Two coefficient
 sources give ``A``, ``c_k``, ``const``, ``l`` and the ``g`` transform: :class:`EMSCoefficients` (the
-integrals of measured statistics) and :class:`ClosedFormCoefficients` (``l = 1, s = 0, b = 0``:
-``g = f = -x0``, ``A = e^{-h}/alpha_s``, ``c_k = psi_k(h)``, ``const = 0`` -- DPM-Solver++'s multistep
-update, paper App. A.2). See docs/samplers-reference.md ("DPM-Solver-v3").
+integrals of measured statistics), :class:`ClosedFormCoefficients` (``l = 1, s = 0, b = 0``:
+``g = f = -x0``, ``A = e^{-h}/alpha_s``, ``c_k = psi_k(h)``, ``const = 0`` -- DPM-Solver++'s data-prediction
+update, paper App. A.2) and :class:`NoiseCoefficients` (``l = 0, s = -1, b = 0``: DPM-Solver's
+noise-prediction update, paper App. A.2). :func:`v3_expansion` is the sum itself for callers that
+estimate the derivatives their own way (USF schedules). See docs/samplers-reference.md ("DPM-Solver-v3").
 """
 
 from __future__ import annotations
@@ -102,6 +104,41 @@ class ClosedFormCoefficients:
         return 0.0
 
 
+class NoiseCoefficients:
+    """Noise-prediction statistics ``l = 0, s = -1, b = 0`` (paper App. A.2; DPM-Solver, Lu et al. 2022,
+    Eq. 3.4-3.5): ``f = sigma eps / alpha = e^{-lambda} eps``, ``g_p = e^{-lambda_s} eps_p`` and
+    ``x_t = (alpha_t/alpha_s) x_s - alpha_t e^{-lambda_s} sum_k c_k eps^(k)`` with
+    ``c_k = int_0^h e^{-u} u^k / k! du``. Python-float coefficients."""
+
+    def check_shape(self, sample_shape) -> None:
+        """Any sample shape works."""
+
+    def l(self, p: V3Point, ref: torch.Tensor):  # noqa: E743 (paper notation)
+        """``l = 0``."""
+        return 0.0
+
+    def g(self, p: V3Point, s: V3Point) -> torch.Tensor:
+        """``g_p = e^{S_s - S_p} f_p = e^{lambda_p - lambda_s} f_p`` (``S = -lambda``; ``= e^{-lambda_s} eps_p``)."""
+        return p.f if p.lam == s.lam else math.exp(p.lam - s.lam) * p.f
+
+    def A(self, s: V3Point, t: V3Point, ref: torch.Tensor):
+        """``1 / alpha_s`` (``L = 0``)."""
+        return 1.0 / s.alpha
+
+    def c(self, s: V3Point, t: V3Point, k: int, ref: torch.Tensor):
+        """``c_k = int_0^h e^{-u} u^k / k! du`` (recursion ``c_k = c_{k-1} - e^{-h} h^k / k!``,
+        ``c_0 = -expm1(-h)``)."""
+        h = t.lam - s.lam
+        out = -math.expm1(-h)
+        for j in range(1, k + 1):
+            out -= math.exp(-h) * h**j / math.factorial(j)
+        return out
+
+    def constant(self, s: V3Point, t: V3Point, ref: torch.Tensor):
+        """``0`` (no ``b``)."""
+        return 0.0
+
+
 class EMSCoefficients:
     """Coefficients from the integrals of measured statistics (paper Eq. 9-13; :class:`EMS`),
     per dimension, relative to the step start so nothing overflows."""
@@ -155,8 +192,15 @@ def v3_update(x_s: torch.Tensor, points: list[V3Point], target: V3Point, order: 
     s = ps[0]
     gs = [coefficients.g(p, s) for p in ps]
     derivs = derivative_estimates([p.lam for p in ps], gs, pseudo) if order > 1 else []
+    return v3_expansion(x_s, s, target, gs[0], derivs, coefficients)
+
+
+def v3_expansion(x_s: torch.Tensor, s: V3Point, target: V3Point, g_s: torch.Tensor, derivs,
+                 coefficients) -> torch.Tensor:
+    """The sum of paper Eq. 13 with given derivatives ``derivs = [g^(1), ..., g^(n)]`` at ``s``:
+    ``x_t = alpha_t (A x_s - c_0 g_s - const - sum_k c_k g^(k))`` (``coefficients`` as in :func:`v3_update`)."""
     src = coefficients
-    y = src.A(s, target, x_s) * x_s - src.c(s, target, 0, x_s) * gs[0] - src.constant(s, target, x_s)
+    y = src.A(s, target, x_s) * x_s - src.c(s, target, 0, x_s) * g_s - src.constant(s, target, x_s)
     for k, d in enumerate(derivs, start=1):
         y = y - src.c(s, target, k, x_s) * d
     return target.alpha * y

@@ -141,6 +141,9 @@ SCHEDULERS: tuple[SchedulerEntry, ...] = (
     SchedulerEntry("dpm-v3", "fewstep.samplers.DPMSolverV3Scheduler",
                    "DPM-Solver-v3 (order 2 + corrector) with empirical model statistics "
                    "(--scheduler-config ems=PATH|digits)", {"solver_order": 2}),
+    SchedulerEntry("usf", "fewstep.samplers.USFScheduler",
+                   "a searched USF solver schedule, its own steps and NFE (--scheduler-config "
+                   "schedule=configs/usf/digits_nfe5.json|digits-nfe5; make one with fewstep search)"),
 )
 
 _REGISTRY: dict[str, SchedulerEntry] = {e.name: e for e in SCHEDULERS}
