@@ -150,17 +150,24 @@ def test_estimated_ems_are_a_function_of_lambda():
 
 @pytest.mark.parametrize("cfg", [SD, dict(beta_schedule="linear", prediction_type="epsilon")])
 def test_v3_with_estimated_ems_keeps_converging(cfg):
-    """v3 with EMS from compute_ems (512 samples, N = 200) on an exact mixture: the error keeps
-    falling from 40 to 80 logSNR steps and is not above ``degenerated=True`` on the same grid at 20-80
-    steps (issue 10: with per-grid-point noise draws it levelled off at 0.004, 10x above
-    ``degenerated``)."""
+    """v3 with EMS from compute_ems (512 samples, N = 200) on an exact mixture: at 10-80 logSNR steps
+    the error is within 15% of the error with the mixture's EMS from the closed-form Jacobian (2048
+    samples), keeps falling from 40 to 80 steps, and is at most 1.25x that of ``degenerated=True``
+    on the same grid (the closed-form EMS measure 0.9-1.1x here at 20-80 steps: the EMS minimise the
+    first-order error, they do not promise a smaller high-order one). Issue 10: with fresh noise
+    per grid point the error levelled off at 0.004, 10x above ``degenerated``, from 40 steps on."""
     mix, model, ems = _small_mixture_ems(cfg, 200)
+    exact = mixture_ems(mix, model.schedule, 200, 2048)
     kw = dict(cfg, timestep_spacing="logsnr", final_sigmas_type="sigma_min", round_timesteps=False)
     for order in (2, 3):
-        errs = {n: _rel_error(mix, model, cfg, DPMSolverV3Scheduler(**kw, solver_order=order, ems=ems), n)
-                for n in (20, 40, 80)}
-        deg = {n: _rel_error(mix, model, cfg, DPMSolverV3Scheduler(**kw, solver_order=order, degenerated=True), n)
-               for n in errs}
-        assert errs[80] < errs[40] / 2, (order, errs)
+        def err(n, **k):
+            return _rel_error(mix, model, cfg, DPMSolverV3Scheduler(**kw, solver_order=order, **k), n)
+
+        errs = {n: err(n, ems=ems) for n in (10, 20, 40, 80)}
         for n in errs:
-            assert errs[n] <= deg[n], (order, n, errs, deg)
+            want = err(n, ems=exact)
+            assert abs(errs[n] - want) <= 0.15 * want, (order, n, errs[n], want)
+            if n >= 20:
+                deg = err(n, degenerated=True)
+                assert errs[n] <= 1.25 * deg, (order, n, errs[n], deg)
+        assert errs[80] < errs[40] / 2, (order, errs)
