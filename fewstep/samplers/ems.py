@@ -496,8 +496,10 @@ def compute_ems(
             ``d eps/dlambda |_x`` (the ``x`` dependence uses a JVP). Model times are read through the
             schedule's tables, which forward AD cannot see, hence the difference quotient.
         jvp_mode: ``"auto"`` | ``"forward"`` | ``"backward"`` (see :func:`jvp`).
-        seed: seed of the noise and Rademacher probes (deterministic per batch and grid chunk,
-            so resumed and sharded runs reproduce an uninterrupted single-process run).
+        seed: seed of the noise and Rademacher probes. Each data sample gets one noise ``z`` and one
+            probe ``v``, shared by all grid points (``x_lambda = alpha x0 + sigma z``): the estimates
+            are then smooth functions of lambda, which the solver's order needs (docs/dpm-v3.md).
+            Deterministic per batch, so resumed and sharded runs reproduce an uninterrupted run.
         dtype, device: of the model inputs (accumulators are float64).
         checkpoint: file to save progress to after every batch; an existing one with the same
             settings is resumed.
@@ -557,7 +559,8 @@ def compute_ems(
         "lambda_range": [float(lam[0]), float(lam[-1])], "num_samples": int(k_total), "batch_size": int(batch_size),
         "guidance_scale": None if guidance_scale is None else float(guidance_scale), "prediction_type": ptype,
         "seed": int(seed), "smoothing_window": int(smoothing_window), "fd_step": float(fd_step),
-        "chunk": int(chunk), "model_id": model_id, "conditional": labels is not None or cond is not None,
+        "chunk": int(chunk), "noise": "common", "model_id": model_id,
+        "conditional": labels is not None or cond is not None,
         "data_digest": hashlib.sha256(x_data[: min(k_total, 64)].numpy().tobytes()).hexdigest()[:16],
     }
 
@@ -617,17 +620,29 @@ def compute_ems(
         return v.reshape((-1,) + (1,) * (ref.ndim - 1))
 
     # ---- pass 1: l by Hutchinson's diagonal estimator (paper Eq. 58) --------------------------
+    def draws(bi, b):
+        """The noise ``z`` and Rademacher probe ``v`` of batch ``bi``: one pair per data sample, used
+        at *every* grid point (common random numbers), so the Monte-Carlo error of the estimates is a
+        smooth function of lambda; independent draws per grid point made ``l, s, b`` rough in lambda
+        and the solver stopped converging (issue 10, docs/dpm-v3.md)."""
+        gg = torch.Generator().manual_seed(_seed(seed, bi))
+        z = torch.randn((b,) + shape, generator=gg, dtype=torch.float64)
+        v = torch.randint(0, 2, (b,) + shape, generator=gg, dtype=torch.int64).to(torch.float64) * 2 - 1
+        return z, v
+
+    def rep(u, g):  # (b, ...) -> (g * b, ...), grid-point major like rows()
+        return u.repeat((g,) + (1,) * (u.ndim - 1))
+
     def pass1(bi):
         x0, c = batch_rows(bi)
         b = x0.shape[0]
+        z1, v1 = draws(bi, b)
         for j0 in range(0, n_pts, chunk):
             idx = np.arange(j0, min(n_pts, j0 + chunk))
             g = len(idx)
-            gg = torch.Generator().manual_seed(_seed(seed, 1, bi, j0))
-            z = torch.randn((g * b,) + shape, generator=gg, dtype=torch.float64)
-            v = torch.randint(0, 2, (g * b,) + shape, generator=gg, dtype=torch.int64).to(torch.float64) * 2 - 1
+            z, v = rep(z1, g), rep(v1, g)
             a_r, s_r, t_r = rows(alphas, idx, b), rows(sigmas, idx, b), rows(ts, idx, b)
-            x = (bcast(a_r.double(), z) * x0.repeat((g,) + (1,) * len(shape)) + bcast(s_r.double(), z) * z)
+            x = (bcast(a_r.double(), z) * rep(x0, g) + bcast(s_r.double(), z) * z)
             x, v = x.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
             cc = _repeat_cond(c, b, g)
             if isinstance(cc, torch.Tensor):
@@ -643,13 +658,13 @@ def compute_ems(
         x0, c = batch_rows(bi)
         b = x0.shape[0]
         l_arr, ld_arr = state["l"], state["l_d"]
+        z1, _ = draws(bi, b)  # the same noised points as pass 1
         for j0 in range(0, n_pts, chunk):
             idx = np.arange(j0, min(n_pts, j0 + chunk))
             g = len(idx)
-            gg = torch.Generator().manual_seed(_seed(seed, 2, bi, j0))
-            z = torch.randn((g * b,) + shape, generator=gg, dtype=torch.float64)
+            z = rep(z1, g)
             a_r, s_r, t_r = rows(alphas, idx, b), rows(sigmas, idx, b), rows(ts, idx, b)
-            x = bcast(a_r.double(), z) * x0.repeat((g,) + (1,) * len(shape)) + bcast(s_r.double(), z) * z
+            x = bcast(a_r.double(), z) * rep(x0, g) + bcast(s_r.double(), z) * z
             x = x.to(device=device, dtype=dtype)
             cc = _repeat_cond(c, b, g)
             if isinstance(cc, torch.Tensor):
