@@ -30,7 +30,7 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-GRID_KINDS = ("linspace", "leading", "trailing", "logsnr", "karras", "exponential", "time_power")
+GRID_KINDS = ("linspace", "leading", "trailing", "logsnr", "karras", "exponential", "time_power", "time_power_zero")
 SCHEDULE_KINDS = ("discrete", "flow", "edm")
 EDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
 EDM_SIGMA_SCHEDULES = ("karras", "exponential")
@@ -421,6 +421,12 @@ def make_grid(
       official code), whose end point ``t = -1`` here is the data. ``power = 1.3`` had the lowest
       error of this family for the digits teacher (benchmarks/dpm_v3_grid_search.py). A
       ``ValueError`` when the last point would fall below ``t = 0`` (``n^power > T``).
+    * ``time_power_zero`` (discrete VP schedules): ``t_i = t_max (1 - i/(n-1))^power`` for
+      ``i = 0 .. n-1``: both ends of the schedule are evaluation points, the last one ``t = 0`` (the
+      smallest noise level), so the final step into ``sigma = 0`` starts from the data end instead of
+      ``t ~ T/n`` (``power = 1``: DPM-Solver's ``time_uniform``, ``2``: ``time_quadratic``, both with
+      the end point ``t_0`` evaluated). ``DPMSolverV3Scheduler``'s default grid with ``power = 1.5``
+      (docs/dpm-v3.md).
 
     Explicit ``timesteps`` (training scale, decreasing) or ``sigmas`` (VE ``sigma/alpha`` for VP
     and EDM schedules, flow sigma ``s`` for flow schedules; decreasing; optionally ending with the
@@ -449,9 +455,9 @@ def make_grid(
             )
     _check_choice("spacing", spacing, GRID_KINDS)
     _check_choice("final_sigma", final_sigma, ("zero", "sigma_min"))
-    if spacing == "time_power" and timesteps is None and sigmas is None:
+    if spacing in ("time_power", "time_power_zero") and timesteps is None and sigmas is None:
         if schedule.kind != "discrete":
-            raise ValueError(f"spacing='time_power' is defined for discrete VP schedules, not kind={schedule.kind!r}")
+            raise ValueError(f"spacing={spacing!r} is defined for discrete VP schedules, not kind={schedule.kind!r}")
         power = check_power("power", power)
     if round_timesteps is None:
         round_timesteps = schedule.kind == "discrete"
@@ -477,10 +483,10 @@ def make_grid(
         t = _flow_grid(schedule, num_inference_steps, spacing, rho)
     else:
         lam_grid = spacing in ("logsnr", "karras", "exponential")
-        if lam_grid and final_sigma == "sigma_min":
+        if (lam_grid or spacing == "time_power_zero") and final_sigma == "sigma_min":
             # n + 1 points down to sigma_min, the last being the end point: diffusers appends
             # sigma_min after a grid that already ends there, a zero-length step that wastes an NFE
-            t_all = _grid_times(schedule, num_inference_steps + 1, spacing, steps_offset, rho)
+            t_all = _grid_times(schedule, num_inference_steps + 1, spacing, steps_offset, rho, power)
             t, t_end = t_all[:-1], float(t_all[-1])
         else:
             t = _grid_times(schedule, num_inference_steps, spacing, steps_offset, rho, power)
@@ -550,6 +556,8 @@ def _grid_times(schedule: NoiseSchedule, n: int, spacing: str, steps_offset: int
     if schedule.kind == "discrete":
         n_train = schedule.num_train_timesteps
         last = int(schedule.t_max) + 1  # diffusers' `last_timestep` after lambda_min_clipped
+        if spacing == "time_power_zero":
+            return float(schedule.t_max) * (1.0 - np.arange(n) / max(n - 1, 1)) ** power
         if spacing == "time_power":
             t = last * (1.0 - np.arange(n) / n) ** power - 1.0
             if t[-1] < -1e-9:  # (n^power = last gives t = 0 up to rounding)
