@@ -54,24 +54,26 @@ def main() -> None:
         return ((x - ref) ** 2).mean().sqrt().item()
 
     dcfg = dict(cfg)
+    dpm, unipc = DPMSolverMultistepScheduler, UniPCMultistepScheduler
     diffusers_cfgs = {}
     for o in (2, 3):
-        diffusers_cfgs[f"DPM++{o}M karras"] = lambda o=o: DPMSolverMultistepScheduler(**dcfg, solver_order=o, use_karras_sigmas=True)
-        diffusers_cfgs[f"DPM++{o}M lu"] = lambda o=o: DPMSolverMultistepScheduler(**dcfg, solver_order=o, use_lu_lambdas=True)
-        diffusers_cfgs[f"DPM++{o}M"] = lambda o=o: DPMSolverMultistepScheduler(**dcfg, solver_order=o)
+        diffusers_cfgs[f"DPM++{o}M karras"] = lambda o=o: dpm(**dcfg, solver_order=o, use_karras_sigmas=True)
+        diffusers_cfgs[f"DPM++{o}M lu"] = lambda o=o: dpm(**dcfg, solver_order=o, use_lu_lambdas=True)
+        diffusers_cfgs[f"DPM++{o}M"] = lambda o=o: dpm(**dcfg, solver_order=o)
     for o in (2, 3):
-        diffusers_cfgs[f"UniPC bh2 o{o}"] = lambda o=o: UniPCMultistepScheduler(**dcfg, solver_order=o, solver_type="bh2")
-        diffusers_cfgs[f"UniPC bh1 o{o}"] = lambda o=o: UniPCMultistepScheduler(**dcfg, solver_order=o, solver_type="bh1")
+        diffusers_cfgs[f"UniPC bh2 o{o}"] = lambda o=o: unipc(**dcfg, solver_order=o, solver_type="bh2")
+        diffusers_cfgs[f"UniPC bh1 o{o}"] = lambda o=o: unipc(**dcfg, solver_order=o, solver_type="bh1")
         diffusers_cfgs[f"DEIS o{o}"] = lambda o=o: DEISMultistepScheduler(**dcfg, solver_order=o)
-    fewstep_pp = {f"fewstep DPM++{o}M {sp}": (lambda o=o, sp=sp: DPMSolverPPScheduler(**cfg, solver_order=o, timestep_spacing=sp))
+    fewstep_pp = {f"fewstep DPM++{o}M {sp}": (lambda o=o, sp=sp: DPMSolverPPScheduler(**cfg, solver_order=o,
+                                                                                     timestep_spacing=sp))
                   for o in (2, 3) for sp in ("linspace", "logsnr")}
     v3 = {}
     for o in (2, 3):
         for sp in ("linspace", "logsnr"):
             for corr in (True, False):
                 name = f"v3 o{o} {sp}{'' if corr else ' nocorr'}"
-                v3[name] = lambda o=o, sp=sp, corr=corr: DPMSolverV3Scheduler(**cfg, solver_order=o, timestep_spacing=sp,
-                                                                              use_corrector=corr, ems=ems)
+                v3[name] = lambda o=o, sp=sp, corr=corr: DPMSolverV3Scheduler(
+                    **cfg, solver_order=o, timestep_spacing=sp, use_corrector=corr, ems=ems)
     for half_region in ("noisy", "clean"):
         v3[f"v3 o3 logsnr half-{half_region}"] = lambda hr=half_region: DPMSolverV3Scheduler(
             **cfg, solver_order=3, timestep_spacing="logsnr", half=True, half_region=hr, ems=ems)
@@ -109,9 +111,9 @@ def main() -> None:
     print(f"{'v3 / best diffusers':<{w}} " + " ".join(f"{r:9.3f}" for r in ratio))
     print(f"EMS: N={args.num_grid}, K={args.num_samples}: {ems_s:.1f} s;  step overhead: {overhead}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"nfe": NFES, "rows": rows, "summary": summary, "ratio_v3_over_diffusers": ratio,
-                                          "ems_seconds": ems_s, "num_grid": args.num_grid, "num_samples": args.num_samples,
-                                          "step_overhead_us": overhead}, indent=2) + "\n")
+    result = {"nfe": NFES, "rows": rows, "summary": summary, "ratio_v3_over_diffusers": ratio, "ems_seconds": ems_s,
+              "num_grid": args.num_grid, "num_samples": args.num_samples, "step_overhead_us": overhead}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, call
     # v3 vs DPM++ / UniPC on one grid separates the solver's gain from the grid's
     if degenerated:
         return rows
-    from dpm_v3_grid_search import grid_fn
+    from grid_families import grid_fn
 
     from fewstep.samplers import EMS
     from fewstep.samplers.ems import resolve_ems_path
@@ -152,16 +152,11 @@ def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, call
 def load_teacher():
     """The digits teacher as ``model(x, t, c) -> v`` plus its scheduler config (a dict)."""
     from fewstep.models import load_digits_pipeline
-    from fewstep.models.pipeline import load_digits_scheduler_config
+    from fewstep.models.adapters import denoiser
+    from fewstep.models.pipeline import NULL_CLASS, load_digits_scheduler_config
 
     config = dict(load_digits_scheduler_config())
-    unet = load_digits_pipeline().unet.eval()
-
-    def model(x, t, c):
-        t_in = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        return unet(x, t_in, class_labels=c).sample
-
-    return model, config
+    return denoiser(load_digits_pipeline().unet.eval(), null_class=NULL_CLASS), config
 
 
 def start_noise(n: int, seed: int):

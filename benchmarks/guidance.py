@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.guidance import APG, CFG, AdaptiveGuidance, CFGPlusPlus, LinearAG, fit_linear_ag
+from fewstep.guidance import APG, CFG, AdaptiveGuidance, CFGPlusPlus, LinearAG, cfg_combine, fit_linear_ag
 from fewstep.sample import sample
 from fewstep.samplers import DPMSolverPPScheduler
 from fewstep.schedule import to_x0_eps
@@ -64,6 +64,7 @@ def mixture_rows(steps):
     emit()
 
 
+@torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
@@ -78,20 +79,18 @@ def main():
 
     from fewstep.eval.fd_digits import fd_digits
     from fewstep.models import load_digits_pipeline, load_digits_split
+    from fewstep.models.adapters import denoiser
+    from fewstep.models.pipeline import NULL_CLASS
 
     pipe = load_digits_pipeline()
-    unet = pipe.unet.eval()
+    model = denoiser(pipe.unet.eval(), null_class=NULL_CLASS)
     n, steps = args.n, args.steps
-
-    @torch.no_grad()
-    def model(x, t, c):
-        return unet(x, t, class_labels=c).sample
 
     def sched(order=2):
         return DPMSolverPPScheduler.from_config(pipe.scheduler.config, solver_order=order)
 
     labels = torch.arange(n) % 10
-    null = torch.full((n,), 10)
+    null = model.null(labels)
 
     def noise(seed):
         return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -166,7 +165,7 @@ def main():
     ts = s.timesteps
     al = [s.alpha_sigma(i) for i in range(len(ts) + 1)]
     pt = s.config.prediction_type
-    nul = torch.full((len(real),), 10)
+    nul = model.null(real_y)
 
     def eps_pair(x, i):
         a, sg = al[i]
@@ -181,7 +180,7 @@ def main():
             a, sg = al[i]
             a_n, s_n = al[i - 1]
             ec, eu = eps_pair(x, i)
-            eg = eu + k * (ec - eu)
+            eg = cfg_combine(ec, eu, k)
             if mode == "cfg":
                 x0 = (x - sg * eg) / a
                 x = a_n * x0 + s_n * eg
@@ -192,7 +191,7 @@ def main():
             a, sg = al[i]
             a_n, s_n = al[i + 1]
             ec, eu = eps_pair(x, i)
-            eg = eu + k * (ec - eu)
+            eg = cfg_combine(ec, eu, k)
             x0 = (x - sg * eg) / a
             x = a_n * x0 + s_n * (eg if mode == "cfg" else eu)
         return rmse(x / al[len(ts) - 1][0], real)

@@ -23,12 +23,15 @@ import torch
 from fewstep.eval.fd_digits import fd_digits
 from fewstep.guidance import LinearAG, fit_linear_ag
 from fewstep.models import load_digits_pipeline
+from fewstep.models.adapters import denoiser
+from fewstep.models.pipeline import NULL_CLASS
 from fewstep.sample import sample
 from fewstep.samplers import DPMSolverPPScheduler
 
 RESULTS = Path(__file__).parent / "results" / "linear_ag_sweep.json"
 
 
+@torch.no_grad()
 def main(argv=None) -> dict:
     """Run the sweep; returns (and saves) the result dict."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,21 +48,19 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
 
     pipe = load_digits_pipeline()
-    unet = pipe.unet.eval()
-
-    @torch.no_grad()
-    def model(x, t, c):
-        return unet(x, t, class_labels=c).sample
+    model = denoiser(pipe.unet.eval(), null_class=NULL_CLASS)
 
     def sched():
         return DPMSolverPPScheduler.from_config(pipe.scheduler.config, solver_order=2)
 
     n, steps, w = args.n, args.steps, args.scale
-    labels, null = torch.arange(n) % 10, torch.full((n,), 10)
+    labels = torch.arange(n) % 10
+    null = model.null(labels)
     noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     m = args.fit_samples
     fit_noise = torch.randn(m, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    fit_labels, fit_null = torch.arange(m) % 10, torch.full((m,), 10)
+    fit_labels = torch.arange(m) % 10
+    fit_null = model.null(fit_labels)
 
     def metrics(x):
         r = fd_digits((x.clamp(-1, 1) + 1) / 2, labels=labels)

@@ -43,7 +43,8 @@ def _settings(ancestral_guidance: list[float]) -> list[tuple[str, str, int, floa
     return rows
 
 
-def _generate(pipe, labels: torch.Tensor, steps: int, guidance: float, seed: int, chunk: int) -> tuple[torch.Tensor, int]:
+def _generate(pipe, labels: torch.Tensor, steps: int, guidance: float, seed: int,
+              chunk: int) -> tuple[torch.Tensor, int]:
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), 1, 8, 8, generator=gen)
     out, nfe = [], 0
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     checks["min_accuracy_w2"] = {"value": round(min(acc2), 4), "pass": min(acc2) > 0.95}
 
     result = {
-        "command": "python benchmarks/teacher_quality.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python benchmarks/teacher_quality.py "
+                   + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "n": args.n, "n_reference": len(x_test), "seed": args.seed, "threads": args.threads,
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "rows": rows, "checks": checks,

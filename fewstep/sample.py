@@ -2,17 +2,22 @@
 
 The model follows fewstep's call convention ``model(x, t, c) -> raw output`` (of the scheduler's
 ``prediction_type``), with ``c`` any condition object and ``uncond`` the condition of the
-unconditional branch (a null label, empty-prompt embeddings, ...).
+unconditional branch (a null label, empty-prompt embeddings, ...). ``fewstep.models.denoiser(unet,
+null_class=...)`` adapts a diffusers UNet to it. This is fewstep's one sampling loop: the digits
+pipeline and ``fewstep sample`` run through it.
+
+torch and tqdm are imported when :func:`sample` runs, not with the module: ``import fewstep``
+(and so the ``fewstep`` command line) must stay fast.
 """
 
 from __future__ import annotations
 
 import inspect
 import numbers
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    import torch
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -36,6 +41,7 @@ def sample(
     timesteps=None,
     sigmas=None,
     progress: bool = False,
+    step_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample from ``model`` with ``scheduler``, starting from ``noise``; returns ``(x0, nfe)``.
 
@@ -48,20 +54,32 @@ def sample(
         noise: starting Gaussian noise (B, ...).
         scheduler: any diffusers-style scheduler.
         num_inference_steps: number of steps (or give ``timesteps``/``sigmas``).
-        guidance: ``None`` (conditional model only), a number ``w`` (classifier-free guidance
-            ``uncond + w (cond - uncond)``, diffusers' ``guidance_scale`` convention; ``w = 1`` skips
-            the unconditional pass), or a :class:`fewstep.guidance.Guidance` object.
+        guidance: ``None`` (conditional model only), a number ``w`` (shorthand for
+            :class:`fewstep.guidance.CFG` ``(w)``: ``uncond + w (cond - uncond)``, diffusers'
+            ``guidance_scale`` convention; ``w = 1`` skips the unconditional pass), or a
+            :class:`fewstep.guidance.Guidance` object. Both branches of a step run in one batched
+            call when the model offers ``evaluate_pair`` (see :meth:`fewstep.guidance.Guidance.predict`).
         cond, uncond: conditions of the two branches.
         generator: RNG passed to ``scheduler.step`` (SDE solvers).
         callback: ``callback(i, t, x)`` after each step.
         progress: show a tqdm progress bar.
+        step_kwargs: extra keyword arguments for every ``scheduler.step`` call (e.g. DDIM's ``eta``).
 
     Returns:
         ``(x, nfe)``: the final sample and the number of model evaluations, where one evaluation
         is one network pass of one branch over the batch (CFG at 20 steps costs 40).
     """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .guidance.methods import CFG
+
     if not isinstance(noise, torch.Tensor):
         raise TypeError("noise must be a torch.Tensor")
+    if isinstance(guidance, bool) or not (guidance is None or isinstance(guidance, numbers.Real)
+                                          or hasattr(guidance, "predict")):
+        raise TypeError(f"guidance must be None, a number or a Guidance object, got {guidance!r}")
+    guide = CFG(float(guidance)) if isinstance(guidance, numbers.Real) else guidance
     kwargs = {}
     if timesteps is not None:
         kwargs["timesteps"] = timesteps
@@ -69,13 +87,11 @@ def sample(
         kwargs["sigmas"] = sigmas
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none
-    step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
-    guide = None
-    if guidance is not None and not isinstance(guidance, numbers.Number):
-        guide = guidance
+    extra = dict(step_kwargs or {})
+    if _accepts(scheduler.step, "generator"):
+        extra["generator"] = generator
+    if guide is not None:
         guide.reset()
-    elif isinstance(guidance, bool):
-        raise TypeError("guidance must be None, a number or a Guidance object")
     nfe = 0
     ts = scheduler.timesteps
     scale_input = getattr(scheduler, "scale_model_input", None)  # absent on FlowMatch schedulers
@@ -86,18 +102,11 @@ def sample(
             out, renoise, used = guide.predict(model, x_in, t, cond, uncond, scheduler=scheduler, step_index=i,
                                                num_steps=len(ts))
             nfe += used
-        elif guidance is None or float(guidance) == 1.0:
+        else:
             out = model(x_in, t, cond)
             nfe += 1
-        else:
-            out_c = model(x_in, t, cond)
-            out_u = model(x_in, t, uncond)
-            out = out_u + float(guidance) * (out_c - out_u)
-            nfe += 2
-        extra = dict(step_kwargs)
-        if renoise is not None:
-            extra["renoise_eps"] = renoise
-        x = scheduler.step(out, t, x, return_dict=False, **extra)[0]
+        step_extra = extra if renoise is None else {**extra, "renoise_eps": renoise}
+        x = scheduler.step(out, t, x, return_dict=False, **step_extra)[0]
         if callback is not None:
             callback(i, t, x)
     return x, nfe

@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.apps import common
+from fewstep.apps import loading
 from fewstep.apps.cli import main
-from fewstep.apps.schedulers import describe, make_scheduler, parse_overrides, registry, scheduler_names
+from fewstep.apps.generate import generate
+from fewstep.apps.options import parse_labels
+from fewstep.guidance.spec import guidance_names, parse_guidance
+from fewstep.samplers.registry import describe, make_scheduler, parse_overrides, registry, scheduler_names
 
 REQUIRED_NAMES = ["ddim", "euler", "dpmpp-1m", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-karras", "dpmpp-3m-karras",
                   "dpmpp-2s", "dpmpp-3s", "dpmpp-2m-sde", "dpmpp-3m-sde", "unipc", "deis", "dpmpp-2m-diffusers"]
@@ -68,52 +71,41 @@ def test_overrides_are_parsed_and_checked():
 
 # ---------------------------------------------------------------------------------- parsing
 def test_guidance_and_label_parsing():
-    g = common.parse_guidance("cfg:2.5")
+    g = parse_guidance("cfg:2.5")
     assert (g.method, g.params, g.is_plain, g.scale) == ("cfg", {"scale": 2.5}, True, 2.5)
-    assert common.parse_guidance(None).method == "none"
-    assert common.parse_guidance("none").scale == 1.0
-    names = common.guidance_names()
+    assert parse_guidance(None).method == "none"
+    assert parse_guidance("none").scale == 1.0
+    names = guidance_names()
     if "apg" in names:
-        g = common.parse_guidance("apg:scale=5,eta=0")
+        g = parse_guidance("apg:scale=5,eta=0")
         assert g.params == {"scale": 5.0, "eta": 0.0} and type(g.build()).__name__ == "APG"
         assert g.build() is not g.build()  # fresh state per generation
     if "cfgpp" in names:
-        assert common.parse_guidance("cfgpp:0.6").params == {"scale": 0.6}
+        assert parse_guidance("cfgpp:0.6").params == {"scale": 0.6}
     if "ag" in names:
-        assert common.parse_guidance("ag:scale=2,threshold=0.99").params == {"scale": 2.0, "threshold": 0.99}
+        assert parse_guidance("ag:scale=2,threshold=0.99").params == {"scale": 2.0, "threshold": 0.99}
     for bad, msg in [("zzz:1", "unknown method 'zzz'"), ("cfg:abc", "finite number"), ("cfg:-1", ">= 0"),
                      ("cfg:scale=2,foo=1", "'foo' is not accepted"), ("cfg:2,3", "key=value")]:
         with pytest.raises(ValueError, match=msg):
-            common.parse_guidance(bad)
-    assert common.parse_labels("0-3,7") == [0, 1, 2, 3, 7]
+            parse_guidance(bad)
+    assert parse_labels("0-3,7") == [0, 1, 2, 3, 7]
     for bad in ("10", "a-b", "5-2", ""):
         with pytest.raises(ValueError, match="labels"):
-            common.parse_labels(bad)
-
-
-def test_guidance_without_the_guidance_package(monkeypatch):
-    """Only cfg/none work when fewstep.guidance is absent, with a clear error for the others."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "fewstep.guidance", None)  # import raises ImportError
-    assert common.guidance_names() == ["none", "cfg"]
-    assert common.parse_guidance("cfg:3").scale == 3.0
-    with pytest.raises(ValueError, match="need fewstep.guidance"):
-        common.parse_guidance("apg:scale=5")
+            parse_labels(bad)
 
 
 def test_device_dtype_resolution():
-    assert common.resolve_device("cpu").type == "cpu"
-    assert common.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert common.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert loading.resolve_device("cpu").type == "cpu"
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loading.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="--device 'tpu'"):
-        common.resolve_device("tpu")
+        loading.resolve_device("tpu")
     with pytest.raises(ValueError, match="--dtype"):
-        common.resolve_dtype("float8", torch.device("cpu"))
+        loading.resolve_dtype("float8", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            common.resolve_device("cuda")
-        assert common.resolve_device("auto").type in ("cpu", "mps")
+            loading.resolve_device("cuda")
+        assert loading.resolve_device("auto").type in ("cpu", "mps")
     # the library spelling of the same function (evaluation, EMS) names its keyword argument
     from fewstep.eval.features import resolve_device
 
@@ -210,15 +202,15 @@ def test_sample_list_and_errors(tmp_path, capsys):
 def test_guidance_objects_and_sde_are_seeded():
     """A guidance object (fewstep.sample path) equals the pipeline's CFG at the same seed; the SDE
     solver is reproducible through the seed."""
-    model = common.load_model("digits", "cpu")
-    plain = common.generate(model, "dpmpp-2m", 3, "cfg:2.0", seed=1, n=2, labels="4", upscale=1)
-    if "apg" in common.guidance_names():
+    model = loading.load_model("digits", "cpu")
+    plain = generate(model, "dpmpp-2m", 3, "cfg:2.0", seed=1, n=2, labels="4", upscale=1)
+    if "apg" in guidance_names():
         # APG with eta=1, no threshold, no momentum is exactly CFG (paper Algorithm 1)
-        apg = common.generate(model, "dpmpp-2m", 3, "apg:scale=2,eta=1", seed=1, n=2, labels="4", upscale=1)
+        apg = generate(model, "dpmpp-2m", 3, "apg:scale=2,eta=1", seed=1, n=2, labels="4", upscale=1)
         assert apg.nfe == plain.nfe == 6
         for a, b in zip(apg.images, plain.images):
             assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
-    sde = [common.generate(model, "dpmpp-2m-sde", 3, "cfg:2.0", seed=s, n=1, labels="4", upscale=1).images[0]
+    sde = [generate(model, "dpmpp-2m-sde", 3, "cfg:2.0", seed=s, n=1, labels="4", upscale=1).images[0]
            for s in (5, 5, 6)]
     assert np.array_equal(np.asarray(sde[0]), np.asarray(sde[1]))
     assert not np.array_equal(np.asarray(sde[0]), np.asarray(sde[2]))
@@ -239,7 +231,7 @@ def test_sample_local_diffusers_folder_with_prompt(tmp_path):
     assert rec["settings"]["kind"] == "text" and rec["settings"]["prompt"] == "a digit"
     assert rec["nfe"] == 4 and rec["settings"]["upscale"] == 2  # 32 px images shown at 64 px
     assert Image.open(out / "000001.png").size == (64, 64)
-    if "apg" in common.guidance_names():
+    if "apg" in guidance_names():
         assert main(argv + ["--guidance", "apg:scale=3,eta=1", "--out", str(tmp_path / "apg")]) == 0
         rec2 = json.loads((tmp_path / "apg" / "record.json").read_text())
         assert rec2["nfe"] == 4 and rec2["settings"]["guidance"] == "apg:scale=3.0,eta=1.0"
@@ -249,7 +241,7 @@ def test_sample_local_diffusers_folder_with_prompt(tmp_path):
 
 def test_dpm_v3_on_digits_uses_the_ems_of_its_guidance_scale():
     """The shipped EMS are statistics of the guided model: unguided runs get `digits`, CFG 2 `digits-cfg2`."""
-    from fewstep.apps.common import digits_ems_for, parse_guidance
+    from fewstep.apps.loading import digits_ems_for
 
     assert digits_ems_for(parse_guidance("none")) == {"ems": "digits"}
     assert digits_ems_for(parse_guidance("cfg:1.0")) == {"ems": "digits"}

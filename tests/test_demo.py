@@ -67,11 +67,12 @@ def test_concurrent_requests_do_not_interfere():
     the shared pipeline is restored afterwards (scheduler, no guidance hook left behind)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fewstep.apps import common
+    from fewstep.apps.loading import load_model
+    from fewstep.guidance.spec import guidance_names
 
     a = ("digits", "", "2", "dpmpp-2m-sde", 3, "cfg", "scale=3", "", 1, 2)
     b = ("digits", "", "5", "ddim", 3, "none", "", "", 1, 2)
-    if "apg" in common.guidance_names():
+    if "apg" in guidance_names():
         b = ("digits", "", "5", "ddim", 3, "apg", "scale=2,momentum=-0.5", "", 1, 2)
     serial = [demo_mod.run_generate(*a), demo_mod.run_generate(*b)]
     with ThreadPoolExecutor(2) as pool:
@@ -81,7 +82,7 @@ def test_concurrent_requests_do_not_interfere():
         assert "NFE" in got[1]
         assert len(got[0]) == len(want[0])
         assert all(np.array_equal(np.asarray(p), np.asarray(q)) for (p, _), (q, _) in zip(got[0], want[0]))
-    pipe = common.load_model("digits", "auto").pipe
+    pipe = load_model("digits", "auto").pipe
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert getattr(pipe, "_fewstep_guidance", None) is None and "forward" not in vars(pipe.unet)
 
@@ -92,6 +93,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_demo_in_headless_chromium(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the Python playwright package is not installed")

@@ -130,6 +130,7 @@ def test_cli_single_process_equals_api(tmp_path, capsys):
     assert got.metadata["model_id"] == "test_ems:cli_mixture"
 
 
+@pytest.mark.slow
 def test_two_process_sharding_equals_single(tmp_path):
     """``accelerate launch`` with two CPU processes (a gloo group; fresh processes: forking a process
     that has already run torch can deadlock, so no ``debug_launcher``) shards the batches and

@@ -122,7 +122,7 @@ def test_clip_cli_shards_over_two_ranks_and_equals_one_process(clip_dir, tmp_pat
 
     from test_eval_common import run_as_ranks
 
-    from fewstep.apps import cmd_eval
+    from fewstep.apps import eval_runners
     from fewstep.apps.cli import build_parser
     from fewstep.eval.clip_score import CLIPScorer
 
@@ -148,7 +148,7 @@ def test_clip_cli_shards_over_two_ranks_and_equals_one_process(clip_dir, tmp_pat
 
     monkeypatch.setattr(CLIPScorer, "scores_from_pixels", recording)
     with pytest.warns(UserWarning, match="skipped 1 bad"):
-        outs = run_as_ranks(monkeypatch, 2, lambda r: cmd_eval._run_clip(args, torch.device("cpu"), r, 2))
+        outs = run_as_ranks(monkeypatch, 2, lambda r: eval_runners.run_clip(args, torch.device("cpu"), r, 2))
     assert seen == {"rank0": [prompts[0], prompts[2], prompts[4]], "rank1": [prompts[1], prompts[3]]}
     monkeypatch.undo()
 

@@ -22,6 +22,8 @@ from fewstep.eval.frechet import FeatureStats
 from fewstep.eval.images import FileImageSource
 from fewstep.eval.inception import InceptionFeatures
 
+pytestmark = pytest.mark.slow  # multi-process launches (~11 s each)
+
 
 def _launch_two(*cli_args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` 2 CPU processes of ``python -m fewstep.apps.cli CLI_ARGS``."""
@@ -53,6 +55,7 @@ def test_accelerate_two_processes_gather_equals_single_process(tmp_path):
     torch.testing.assert_close(feats, single.features, rtol=0, atol=1e-6)
     two = FeatureStats.load(out)
     assert two.n == 11
+    assert not list(tmp_path.glob("two.npz.partial*"))  # both ranks' checkpoints removed after the write
     torch.testing.assert_close(two.mean, single.stats.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(two.cov, single.stats.cov, rtol=1e-8, atol=1e-10)
 

@@ -86,6 +86,7 @@ def test_features_equal_direct_jit_load(inception, images, mode, one_torch_threa
     assert ext.num_features == 2048 and ext.meta()["preprocess"] == mode
 
 
+@pytest.mark.slow
 @needs_inception
 def test_fid_equals_torchmetrics_with_same_module(inception, images, one_torch_thread):
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -118,14 +118,9 @@ def test_diffusers_schedulers_drop_in_and_give_right_digits(pipe, classifier, sc
 
 
 def test_fewstep_scheduler_drops_in(pipe, classifier):
-    try:
-        from fewstep import samplers
-    except ModuleNotFoundError:
-        pytest.skip("fewstep.samplers not available")
-    sched_cls = getattr(samplers, "DPMSolverPPScheduler", None)
-    if sched_cls is None:
-        pytest.skip("fewstep.samplers.DPMSolverPPScheduler not available")
-    p = load_digits_pipeline(scheduler=sched_cls)
+    from fewstep.samplers import DPMSolverPPScheduler
+
+    p = load_digits_pipeline(scheduler=DPMSolverPPScheduler)
     labels = torch.arange(10).repeat(2)
     imgs = p(labels, num_inference_steps=8, guidance_scale=2.0, generator=_gen(), output_type="pt").images
     acc = (classifier(imgs * 2 - 1).argmax(1) == labels).float().mean().item()

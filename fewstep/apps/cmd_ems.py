@@ -17,6 +17,25 @@ import importlib
 import json
 from pathlib import Path
 
+from .options import add_device_option, add_parser, add_threads_option, apply_threads, check_positive, check_threads
+
+DESCRIPTION = """\
+Compute DPM-Solver-v3's empirical model statistics (EMS; Zheng et al. 2023, Sec. 3.1) for a model
+and save them as OUTPUT (.safetensors) plus a .json of the settings.
+
+models:
+  digits            the bundled teacher; data = its training split, labels as conditions
+  FOLDER            a diffusers model folder (unet/ + scheduler/, or a bare UNet folder with
+                    --scheduler-config); clean samples or latents from --data
+  module:callable   a function returning (model, scheduler_config, data)
+
+Several processes (accelerate launch --num_processes N -m fewstep.apps.cli ems ...) shard the
+batches and reduce the sums; the result equals a single-process run.
+
+example:
+  fewstep ems --model digits --guidance-scale 2 --output my_ems.safetensors
+"""
+
 
 def _load_data(path: str):
     import torch
@@ -42,49 +61,65 @@ def _placement(args: argparse.Namespace, device) -> dict:
 
 def _resolve(args: argparse.Namespace, device=None):
     """-> (model(x, t, c), scheduler_config, data, cond, uncond, model_id); UNets are moved to ``device``."""
-    if args.model == "digits":
-        from fewstep.models import load_digits_split
-        from fewstep.models.pipeline import load_digits_scheduler_config, load_digits_teacher_unet
+    from ..models.adapters import denoiser
 
-        unet = load_digits_teacher_unet().to(**_placement(args, device))
-        x, y = load_digits_split("train")
-        model = lambda x_, t, c: unet(x_, t, class_labels=c).sample  # noqa: E731
+    if args.model == "digits":
         import torch
 
-        null = torch.full((1,), 10, dtype=torch.long)
-        uncond = null if args.guidance_scale not in (None, 1.0) else None
+        from ..models import load_digits_split
+        from ..models.pipeline import NULL_CLASS, load_digits_scheduler_config, load_digits_teacher_unet
+
+        model = denoiser(load_digits_teacher_unet().to(**_placement(args, device)), null_class=NULL_CLASS)
+        x, y = load_digits_split("train")
+        uncond = torch.full((1,), NULL_CLASS, dtype=torch.long) if args.guidance_scale not in (None, 1.0) else None
         # conditional EMS: per-sample labels; with --unconditional every sample gets the null label
-        data = (x, torch.full_like(y, 10)) if args.unconditional else (x, y)
+        data = (x, model.null(y)) if args.unconditional else (x, y)
         return model, load_digits_scheduler_config(), data, None, uncond, "fewstep-digits-teacher"
     if ":" in args.model and not Path(args.model).exists():
         mod, _, fn = args.model.partition(":")
         model, config, data = getattr(importlib.import_module(mod), fn)()
         return model, dict(config), data, None, None, args.model
-    folder = Path(args.model)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--model {args.model!r} is neither 'digits', a folder, nor module:callable")
     from diffusers import UNet2DModel
 
+    folder = Path(args.model)
     unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
     unet = UNet2DModel.from_pretrained(str(unet_dir)).eval().requires_grad_(False).to(**_placement(args, device))
-    cfg_path = Path(args.scheduler_config) if args.scheduler_config else folder / "scheduler" / "scheduler_config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"scheduler config {cfg_path} not found; pass --scheduler-config")
+    return denoiser(unet), _scheduler_config(args), _load_data(args.data), None, None, str(folder)
+
+
+def _scheduler_config(args: argparse.Namespace) -> dict:
+    folder = Path(args.model)
+    path = Path(args.scheduler_config) if args.scheduler_config else folder / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"scheduler config {path} not found; pass --scheduler-config")
+    return json.loads(path.read_text())
+
+
+def _check(args: argparse.Namespace) -> None:
+    """The checks that need no torch."""
+    for name in ("num_grid", "batch_size", "pairs_per_call"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_positive("--num-samples", args.num_samples, allow_none=True)
+    check_threads(args.threads)
+    if args.model == "digits" or (":" in args.model and not Path(args.model).exists()):
+        return
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model!r} is neither 'digits', a folder, nor module:callable")
+    _scheduler_config(args)
     if args.data is None:
         raise ValueError("--data (a .pt or .safetensors file of clean samples) is required for a model folder")
-    model = lambda x_, t, c: unet(x_, t, class_labels=c).sample  # noqa: E731
-    return model, json.loads(cfg_path.read_text()), _load_data(args.data), None, None, str(folder)
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data file {args.data} does not exist")
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check(args)
+    apply_threads(args.threads, tiny=args.model == "digits")
     import torch
 
-    from fewstep.device import launched_processes
-    from fewstep.samplers.ems import compute_ems
+    from ..device import launched_processes
+    from ..samplers import compute_ems
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     with launched_processes(args.device, name="--device") as (device, acc):
         model, config, data, cond, uncond, model_id = _resolve(args, device)
         ems = compute_ems(
@@ -104,24 +139,25 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``ems`` subcommand."""
-    p = subparsers.add_parser("ems", help="compute DPM-Solver-v3 EMS for a model", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(subparsers, "ems", help="compute DPM-Solver-v3 EMS for a model", description=DESCRIPTION)
     p.add_argument("--model", default="digits", help="'digits', a diffusers model folder, or module:callable")
-    p.add_argument("--scheduler-config", default=None, help="scheduler_config.json (model folders)")
-    p.add_argument("--data", default=None, help=".pt/.safetensors file of clean samples (model folders)")
-    p.add_argument("--output", required=True,
-                   help="output .safetensors path (a .json copy of the settings is written too)")
+    p.add_argument("--output", required=True, metavar="PATH",
+                   help="output .safetensors path (a .json of the settings is written next to it)")
+    p.add_argument("--scheduler-config", default=None, metavar="JSON", help="scheduler_config.json (model folders)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help=".pt/.safetensors file of clean samples (model folders)")
     p.add_argument("--num-grid", type=int, default=200, help="lambda intervals N (paper: 120-1200)")
     p.add_argument("--num-samples", type=int, default=None, help="K samples (default: all data)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--pairs-per-call", type=int, default=4096)
-    p.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--batch-size", type=int, default=256, help="samples per batch")
+    p.add_argument("--pairs-per-call", type=int, default=4096, help="(sample, grid point) pairs per model call")
+    p.add_argument("--t-range", type=float, nargs=2, default=None, metavar=("T_MIN", "T_MAX"),
+                   help="model-time range of the grid (default: the whole schedule)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale w the EMS are computed at")
     p.add_argument("--unconditional", action="store_true", help="digits: use the null label for every sample")
-    p.add_argument("--checkpoint", default=None, help="resume file (written after every batch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help="resume file (written after every batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    add_device_option(p)
     p.add_argument("--float64", action="store_true", help="run the model in float64 (exact-model studies)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per process")
-    p.add_argument("--quiet", action="store_true")
+    add_threads_option(p)
+    p.add_argument("--quiet", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run)

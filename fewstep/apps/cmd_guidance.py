@@ -1,10 +1,10 @@
 """``fewstep fit-linear-ag``: fit LinearAG coefficients on recorded CFG trajectories.
 
-Samples the bundled digits teacher (``fewstep.models.load_digits_pipeline()``) with full CFG at
-``--scale`` and ``--steps`` using fewstep's DPM-Solver++ 2M, records conditional and
-unconditional predictions, fits the per-step least-squares coefficients of
-:class:`fewstep.guidance.LinearAG` (:func:`fewstep.guidance.fit_linear_ag`) and writes them to a
-JSON file (default ``configs/linear_ag_digits.json``).
+Samples the bundled digits teacher with full CFG at ``--scale`` and ``--steps`` using fewstep's
+DPM-Solver++ 2M, records conditional and unconditional predictions, fits the per-step
+least-squares coefficients of :class:`fewstep.guidance.LinearAG`
+(:func:`fewstep.guidance.fit_linear_ag`) and writes them to a JSON file (default
+``configs/linear_ag_digits.json``).
 """
 
 from __future__ import annotations
@@ -13,30 +13,27 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_parser, check_positive
+
 
 def _run(args: argparse.Namespace) -> int:
+    check_positive("--num-samples", args.num_samples)
     import torch
 
-    from fewstep.guidance import fit_linear_ag
-    from fewstep.models import load_digits_pipeline
-    from fewstep.samplers import DPMSolverPPScheduler
+    from ..guidance.linear_ag import fit_linear_ag
+    from ..models.adapters import denoiser
+    from ..models.pipeline import NULL_CLASS, load_digits_pipeline
+    from ..samplers import DPMSolverPPScheduler
 
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     pipe = load_digits_pipeline()
-    unet = pipe.unet.eval()
+    model = denoiser(pipe.unet.eval(), null_class=NULL_CLASS)
     sched = DPMSolverPPScheduler.from_config(pipe.scheduler.config)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num_samples, 1, 8, 8, generator=g)
     cond = torch.arange(args.num_samples) % 10
-    uncond = torch.full((args.num_samples,), 10)
-
-    @torch.no_grad()
-    def model(x, t, c):
-        return unet(x, t, class_labels=c).sample
-
-    fit = fit_linear_ag(model, sched, noise, cond, uncond, args.steps, args.scale, start_step=args.start_step,
-                        space=args.space)
+    with torch.no_grad():
+        fit = fit_linear_ag(model, sched, noise, cond, model.null(cond), args.steps, args.scale,
+                            start_step=args.start_step, space=args.space)
     fit["model"] = "fewstep digits teacher"
     fit["seed"] = args.seed
     out = Path(args.output)
@@ -48,17 +45,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``fit-linear-ag`` subcommand to ``subparsers``."""
-    p = subparsers.add_parser(
-        "fit-linear-ag",
-        help="fit LinearAG coefficients on CFG trajectories of the digits teacher",
-        description="Record CFG trajectories of the bundled digits teacher and fit LinearAG's per-step "
-        "least-squares coefficients (Castillo et al. 2025); writes a JSON for fewstep.guidance.LinearAG.",
-    )
+    p = add_parser(subparsers, "fit-linear-ag", help="fit LinearAG coefficients on CFG trajectories of the digits "
+                   "teacher", description="Record CFG trajectories of the bundled digits teacher and fit LinearAG's "
+                   "per-step least-squares coefficients (Castillo et al. 2025); writes a JSON for "
+                   "fewstep.guidance.LinearAG.")
     p.add_argument("--scale", type=float, default=3.0, help="CFG scale w (diffusers guidance_scale)")
     p.add_argument("--steps", type=int, default=20, help="number of sampling steps")
-    p.add_argument("--start-step", type=int, default=None, help="first replaced step (default steps // 2)")
+    p.add_argument("--start-step", type=int, default=None, help="first replaced step (default: steps // 2)")
     p.add_argument("--space", default="x0", choices=("x0", "eps", "v", "output"), help="space of the estimate")
     p.add_argument("--num-samples", type=int, default=500, help="trajectories to fit on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the start noise")
     p.add_argument("--output", default="configs/linear_ag_digits.json", help="JSON to write")
     p.set_defaults(func=_run)

@@ -1,67 +1,104 @@
 """``fewstep sample``: generate images with a named scheduler and guidance, write PNGs, a grid
-and a JSON record.
+and a JSON record (see ``docs/cli.md``).
 
-    fewstep sample --model digits --scheduler dpmpp-2m --steps 8 --guidance cfg:2.0 \\
-        --labels 0-9 --n 64 --seed 0 --out samples/
-
-writes ``samples/000000.png ...``, ``samples/grid.png`` and ``samples/record.json`` (settings,
-NFE per image, wall time, file names). ``--list-schedulers`` prints the scheduler names.
+Arguments are checked before torch, diffusers or the model load (a few hundred ms instead of
+seconds); only the value ranges of guidance parameters need the guidance classes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 
-from .common import DIGITS, DTYPES, MAX_STEPS
+from .options import (
+    DIGITS,
+    MAX_STEPS,
+    add_model_options,
+    add_parser,
+    add_threads_option,
+    apply_threads,
+    check_model_path,
+    check_positive,
+    check_seed,
+    check_steps,
+    check_threads,
+    parse_labels,
+)
+
+DESCRIPTION = """\
+Generate images with the bundled digits teacher or any diffusers pipeline, a scheduler by short
+name and a guidance method. Writes DIR/000000.png ..., DIR/grid.png and DIR/record.json (settings,
+NFE per image, wall time, file names).
+
+example:
+  fewstep sample --out samples/ --scheduler dpmpp-2m --steps 8 --guidance cfg:2.0 --labels 0-9 --n 64
+"""
 
 
-def _run(args: argparse.Namespace) -> int:
-    from . import common
-    from .schedulers import describe, get_entry, parse_overrides
+def _check(args: argparse.Namespace):
+    """Every check that needs no torch; returns the parsed guidance spec."""
+    from ..guidance.spec import parse_guidance
+    from ..samplers.registry import get_entry, parse_overrides
 
-    if args.list_schedulers:
-        print(describe())
-        return 0
-    if args.list_guidance:
-        for name in common.guidance_names():
-            params = common.guidance_parameters(name)
-            print(f"{name:<8} " + ", ".join(f"{k}={v}" for k, v in params.items()))
-        return 0
     if args.out is None:
         raise ValueError("--out DIR is required (where the PNGs, grid.png and record.json go)")
-    # validate cheap arguments before loading a model
-    get_entry(args.scheduler)
-    overrides = parse_overrides(args.scheduler_config)
-    gspec = common.parse_guidance(args.guidance)
-    common.check_steps(args.steps, 1, MAX_STEPS)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.upscale is not None and args.upscale < 1:
-        raise ValueError(f"--upscale must be >= 1, got {args.upscale}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    get_entry(args.scheduler)
+    args.scheduler_overrides = parse_overrides(args.scheduler_config)
+    gspec = parse_guidance(args.guidance, name="--guidance", validate=False)
+    check_steps(args.steps, 1, MAX_STEPS)
+    check_seed(args.seed)
+    check_positive("--n", args.n)
+    check_positive("--batch-size", args.batch_size, allow_none=True)
+    check_positive("--upscale", args.upscale, allow_none=True)
+    check_threads(args.threads)
+    check_model_path(args.model)
+    if args.model == DIGITS:
+        parse_labels(args.labels)
+        if args.prompt:
+            raise ValueError("model 'digits' is class-conditional: use --labels, not --prompt")
+    return gspec
 
-    model = common.load_model(args.model, args.device, args.dtype, allow_download=args.allow_download, cache=False)
-    result = common.generate(
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_schedulers:
+        from ..samplers.registry import describe
+
+        print(describe())
+        return 0
+    if args.list_guidance:
+        from ..guidance.spec import describe_guidance
+
+        print(describe_guidance())
+        return 0
+    gspec = _check(args)
+    apply_threads(args.threads, tiny=args.model == DIGITS)
+    gspec.build()  # the guidance class checks its value ranges (imports torch)
+    from .generate import generate
+    from .images import make_grid
+    from .loading import load_model
+
+    model = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download, cache=False)
+    result = generate(
         model, scheduler=args.scheduler, steps=args.steps, guidance=gspec, seed=args.seed, n=args.n,
         labels=args.labels, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        scheduler_config=overrides, batch_size=args.batch_size, progress=not args.no_progress,
+        scheduler_config=args.scheduler_overrides, batch_size=args.batch_size, progress=not args.no_progress,
         upscale=args.upscale,
     )
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, img in enumerate(result.images):
         name = f"{i:06d}.png"
         img.save(out / name)
         files.append(name)
-    common.make_grid(result.images).save(out / "grid.png")
+    make_grid(result.images).save(out / "grid.png")
     import diffusers
     import torch
 
@@ -79,7 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         "versions": {"fewstep": getattr(fewstep, "__version__", "?"), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
-    (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp = out / "record.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "record.json")
     print(f"wrote {len(files)} images, grid.png and record.json to {out} "
           f"(NFE {result.nfe} per image, {result.wall_time:.2f} s)", file=sys.stderr)
     return 0
@@ -87,38 +126,40 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``fewstep sample`` to ``subparsers``."""
-    p = subparsers.add_parser(
-        "sample",
-        help="generate images with a named scheduler and guidance (PNGs, grid, JSON record)",
-        description="Generate images with the bundled digits teacher or any diffusers pipeline, a scheduler "
-        "by short name and a guidance method; writes DIR/000000.png..., DIR/grid.png and DIR/record.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", default=DIGITS,
-                   help="'digits' (bundled, offline), a local diffusers pipeline folder or a hub id (local cache "
-                        "only unless --allow-download)")
-    p.add_argument("--allow-download", action="store_true",
-                   help="allow fetching a hub id from the Hugging Face Hub (off: local files only)")
-    p.add_argument("--scheduler", default="dpmpp-2m", help="scheduler short name (see --list-schedulers)")
-    p.add_argument("--scheduler-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="scheduler config override, repeatable (e.g. timestep_spacing=logsnr, lower_order_final=false)")
-    p.add_argument("--list-schedulers", action="store_true", help="print the scheduler names and exit")
-    p.add_argument("--list-guidance", action="store_true", help="print the guidance methods and parameters and exit")
-    p.add_argument("--steps", type=int, default=8, help=f"inference steps (1..{MAX_STEPS})")
-    p.add_argument("--guidance", default="cfg:2.0",
-                   help="none | cfg:W | apg:scale=W,eta=0 | cfgpp:LAMBDA | ag:scale=W,threshold=0.99 | "
-                        "rescale:phi=0.7,scale=W (see --list-guidance)")
-    p.add_argument("--labels", default=None, help="class labels for class models, e.g. 0-9 or 3,7 (cycled over --n)")
-    p.add_argument("--prompt", default=None, help="prompt for text-to-image pipelines")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt for text-to-image pipelines")
-    p.add_argument("--n", type=int, default=16, help="number of images")
-    p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: all at once)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and SDE noise)")
-    p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--upscale", type=int, default=None,
-                   help="nearest-neighbour upscale factor of the saved images (default: small images to ~64 px)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                   help="auto: float32 on CPU and for digits, float16 on GPU")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    usage = "fewstep sample --out DIR [options]\n       fewstep sample --list-schedulers | --list-guidance"
+    p = add_parser(subparsers, "sample", help="generate images with a named scheduler and guidance (PNGs, grid, JSON)",
+                   description=DESCRIPTION, usage=usage)
+    req = p.add_argument_group("required")
+    req.add_argument("--out", metavar="DIR", default=None,
+                     help="output folder (not needed with --list-schedulers / --list-guidance)")
+    what = p.add_argument_group("sampling")
+    what.add_argument("--scheduler", default="dpmpp-2m", metavar="NAME",
+                      help="scheduler short name (see --list-schedulers)")
+    what.add_argument("--scheduler-config", action="append", default=[], metavar="KEY=VALUE",
+                      help="scheduler config override, repeatable, e.g. timestep_spacing=trailing or "
+                           "lower_order_final=false")
+    what.add_argument("--steps", type=int, default=8, help=f"inference steps, 1..{MAX_STEPS}")
+    what.add_argument("--guidance", default="cfg:2.0", metavar="SPEC",
+                      help="none | cfg:W | apg:scale=W,eta=0 | cfgpp:LAMBDA | ag:scale=W,threshold=0.99 | "
+                           "rescale:phi=0.7,scale=W (see --list-guidance)")
+    what.add_argument("--labels", default=None,
+                      help="class labels for class models, e.g. 0-9 or 3,7, cycled over --n (default: all classes)")
+    what.add_argument("--prompt", default=None, metavar="TEXT", help="prompt for text-to-image pipelines")
+    what.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                      help="negative prompt for text-to-image pipelines")
+    what.add_argument("--n", type=int, default=16, help="number of images")
+    what.add_argument("--batch-size", type=int, default=None, metavar="B",
+                      help="images per pipeline call (default: all --n at once)")
+    what.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of SDE noise)")
+    what.add_argument("--upscale", type=int, default=None, metavar="F",
+                      help="nearest-neighbour upscale factor of the saved images (default: small images to ~64 px)")
+    run = p.add_argument_group("model and machine")
+    add_model_options(run, "'digits' (bundled, offline), a local diffusers pipeline folder or a hub id "
+                           "(local cache only unless --allow-download)")
+    add_threads_option(run)
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    info = p.add_argument_group("listings")
+    info.add_argument("--list-schedulers", action="store_true", help="print the scheduler names and exit")
+    info.add_argument("--list-guidance", action="store_true",
+                      help="print the guidance methods, their parameters and defaults, and exit")
     p.set_defaults(func=_run)

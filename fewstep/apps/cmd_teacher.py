@@ -9,8 +9,11 @@ installed package's ``fewstep/models/weights``, overwriting the shipped files).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
+
+from .options import add_parser
 
 
 def _load_config(path: str | None, key: str) -> dict | None:
@@ -25,51 +28,42 @@ def _load_config(path: str | None, key: str) -> dict | None:
     return data[key] if key in data else data
 
 
-def _run_teacher(args: argparse.Namespace) -> int:
-    from fewstep.models.train import train_teacher
+def _train(args: argparse.Namespace, model: str, override: str) -> int:
+    """``train-teacher`` / ``train-classifier``: the config (``--config``'s ``model`` key or the whole
+    file), ``--steps``/``--epochs`` on top, then :mod:`fewstep.models.train`."""
+    from fewstep.models import train
 
-    config = _load_config(args.config, "teacher") or {}
-    if args.steps is not None:
-        config = {**config, "steps": args.steps}
-    record = train_teacher(config, seed=args.seed, work_dir=args.work_dir, output_dir=args.output_dir)
+    config = _load_config(args.config, model) or {}
+    if getattr(args, override) is not None:
+        config = {**config, override: getattr(args, override)}
+    record = getattr(train, f"train_{model}")(config, seed=args.seed, work_dir=args.work_dir,
+                                              output_dir=args.output_dir)
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
     return 0
 
 
-def _run_classifier(args: argparse.Namespace) -> int:
-    from fewstep.models.train import train_classifier
-
-    config = _load_config(args.config, "classifier") or {}
-    if args.epochs is not None:
-        config = {**config, "epochs": args.epochs}
-    record = train_classifier(config, seed=args.seed, work_dir=args.work_dir, output_dir=args.output_dir)
-    print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
-    return 0
+# model -> (command, help, description, the option that sets the training length, its help)
+_COMMANDS = {
+    "teacher": ("train-teacher", "retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
+                "Train the class-conditional digits UNet (v-prediction, CFG label dropout) and write "
+                "digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.",
+                "steps", "override the number of training steps"),
+    "classifier": ("train-classifier", "retrain the bundled digits classifier used by FD-digits",
+                   "Train the digits CNN classifier and write digits_classifier.safetensors + JSON. "
+                   "Interrupted runs resume from --work-dir.",
+                   "epochs", "override the number of epochs"),
+}
 
 
 def register(subparsers) -> None:
     """Add the ``train-teacher`` and ``train-classifier`` subcommands to ``subparsers``."""
-    p = subparsers.add_parser(
-        "train-teacher",
-        help="retrain the bundled v-prediction digits teacher (CPU, ~20 min)",
-        description="Train the class-conditional digits UNet (v-prediction, CFG label dropout) and "
-        "write digits_unet.safetensors + configs. Interrupted runs resume from --work-dir.",
-    )
-    p.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults built in")
-    p.add_argument("--seed", type=int, default=None, help="override the config seed")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.add_argument("--work-dir", default="out/train_teacher", help="checkpoint folder (resume)")
-    p.add_argument("--output-dir", default=None, help="where to write the weights (default: package weights/)")
-    p.set_defaults(func=_run_teacher)
-
-    c = subparsers.add_parser(
-        "train-classifier",
-        help="retrain the bundled digits classifier used by FD-digits",
-        description="Train the digits CNN classifier and write digits_classifier.safetensors + JSON.",
-    )
-    c.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults built in")
-    c.add_argument("--seed", type=int, default=None, help="override the config seed")
-    c.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    c.add_argument("--work-dir", default="out/train_classifier", help="checkpoint folder (resume)")
-    c.add_argument("--output-dir", default=None, help="where to write the weights (default: package weights/)")
-    c.set_defaults(func=_run_classifier)
+    for model, (name, help, description, length, length_help) in _COMMANDS.items():
+        p = add_parser(subparsers, name, help=help, description=description)
+        p.add_argument("--config", default=None, help="JSON config (e.g. configs/digits_teacher.json); defaults "
+                       "built in")
+        p.add_argument("--seed", type=int, default=None, help="override the config seed")
+        p.add_argument(f"--{length}", type=int, default=None, help=length_help)
+        p.add_argument("--work-dir", default=f"out/train_{model}", help="checkpoint folder (resume)")
+        p.add_argument("--output-dir", default=None, help="where to write the weights (default: the package's "
+                       "weights/)")
+        p.set_defaults(func=functools.partial(_train, model=model, override=length))

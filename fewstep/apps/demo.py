@@ -11,7 +11,7 @@ downloaded. Two tabs:
 
 Every request builds its own scheduler and guidance objects (no state shared between users
 except the read-only loaded model weights); requests go through Gradio's queue one at a time
-(a shared lock in :mod:`fewstep.apps.common` guards the pipeline too). Bad inputs (steps out of
+(a shared lock in :mod:`fewstep.apps.generate` guards the pipeline too). Bad inputs (steps out of
 range, unknown model path, bad guidance parameters ...) come back as a visible error message in
 the status box. The handlers :func:`run_generate` and :func:`run_compare` are plain functions.
 """
@@ -22,13 +22,21 @@ import html
 import re
 from typing import Any
 
-from . import common
-from .schedulers import get_entry, registry
+from ..guidance.spec import GUIDANCE_METHODS, guidance_parameters, parse_guidance
+from ..samplers.registry import get_entry, registry
+from .generate import generate
+from .images import make_grid
+from .loading import load_model
+from .options import DIGITS
 
 DEMO_MAX_STEPS = 50
 DEMO_MAX_BATCH = 16
 DEMO_MAX_COMPARE = 4
 DEFAULT_COMPARE = "dpmpp-2m | cfg:2.0\nddim | cfg:2.0\ndpmpp-2m | apg:scale=3,eta=0"
+# a scheduler override that gives good digits with dpmpp-2m and dpmpp-3m (FD-digits 12.7 and 8.3 at 8 steps,
+# cfg 2; the full logSNR grid alone gives 81 with dpmpp-3m on this cosine-schedule model:
+# benchmarks/results/cli_examples.json)
+OVERRIDE_EXAMPLE = "timestep_spacing=logsnr, lambda_min_clipped=-5.1"
 
 # demo-wide settings fixed at build time (not per user)
 _SETTINGS: dict[str, Any] = {"device": "auto", "dtype": "auto", "allow_download": False}
@@ -58,7 +66,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 
 
 def _inputs(model_spec, prompt, labels):
-    model = common.load_model(model_spec or common.DIGITS, _SETTINGS["device"], _SETTINGS["dtype"],
+    model = load_model(model_spec or DIGITS, _SETTINGS["device"], _SETTINGS["dtype"],
                               allow_download=_SETTINGS["allow_download"])
     if model.kind == "text":
         return model, {"prompt": prompt}
@@ -75,9 +83,9 @@ def run_generate(model_spec: str, prompt: str, labels: str, scheduler: str, step
         batch = _check_int("batch size", batch_size, 1, DEMO_MAX_BATCH)
         seed = _check_int("seed", seed, 0, 2**31 - 1)
         get_entry(scheduler)
-        gspec = common.parse_guidance(_guidance_text(guidance_method, guidance_params))
+        gspec = parse_guidance(_guidance_text(guidance_method, guidance_params))
         model, cond = _inputs(model_spec, prompt, labels)
-        res = common.generate(model, scheduler, steps, gspec, seed=seed, n=batch, scheduler_config=scheduler_config,
+        res = generate(model, scheduler, steps, gspec, seed=seed, n=batch, scheduler_config=scheduler_config,
                               max_steps=DEMO_MAX_STEPS, **cond)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         return [], _error(err)
@@ -103,7 +111,7 @@ def parse_compare(text: str) -> list[tuple[str, str]]:
         raise ValueError(f"compare takes at most {DEMO_MAX_COMPARE} lines, got {len(out)}")
     for sched, guid in out:
         get_entry(sched)
-        common.parse_guidance(guid)
+        parse_guidance(guid)
     return out
 
 
@@ -117,9 +125,9 @@ def run_compare(model_spec: str, prompt: str, labels: str, steps, seed, batch_si
         model, cond = _inputs(model_spec, prompt, labels)
         items, rows = [], []
         for sched, guid in pairs:
-            res = common.generate(model, sched, steps, guid, seed=seed, n=batch, max_steps=DEMO_MAX_STEPS, **cond)
+            res = generate(model, sched, steps, guid, seed=seed, n=batch, max_steps=DEMO_MAX_STEPS, **cond)
             cap = f"{sched} | {res.settings['guidance']}: NFE {res.nfe}, {res.wall_time:.2f} s"
-            items.append((common.make_grid(res.images), cap))
+            items.append((make_grid(res.images), cap))
             rows.append(f"<tr><td>{html.escape(sched)}</td><td>{html.escape(res.settings['guidance'])}</td>"
                         f"<td>{res.nfe}</td><td>{res.wall_time:.2f}</td></tr>")
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
@@ -130,13 +138,13 @@ def run_compare(model_spec: str, prompt: str, labels: str, steps, seed, batch_si
 
 
 def _guidance_hint(method: str) -> str:
-    params = common.guidance_parameters(method) if method != "none" else {}
+    params = guidance_parameters(method) if method != "none" else {}
     if not params:
         return "no parameters"
     return "key=value, comma-separated; parameters: " + ", ".join(params)
 
 
-def build_demo(model: str = common.DIGITS, device: str = "auto", dtype: str = "auto", allow_download: bool = False,
+def build_demo(model: str = DIGITS, device: str = "auto", dtype: str = "auto", allow_download: bool = False,
                preload: bool = False):
     """The demo as a ``gradio.Blocks`` (not launched). ``model`` prefills the model box;
     ``allow_download`` lets hub ids be fetched; ``preload`` loads the default model now."""
@@ -144,9 +152,9 @@ def build_demo(model: str = common.DIGITS, device: str = "auto", dtype: str = "a
 
     _SETTINGS.update(device=device, dtype=dtype, allow_download=bool(allow_download))
     if preload:
-        common.load_model(model, device, dtype, allow_download=allow_download)
+        load_model(model, device, dtype, allow_download=allow_download)
     sched_names = list(registry())
-    gnames = common.guidance_names()
+    gnames = list(GUIDANCE_METHODS)
     default_sched = "dpmpp-2m" if "dpmpp-2m" in sched_names else sched_names[0]
 
     with gr.Blocks(title="fewstep demo", analytics_enabled=False) as demo:
@@ -166,12 +174,12 @@ def build_demo(model: str = common.DIGITS, device: str = "auto", dtype: str = "a
         with gr.Tab("Generate"):
             with gr.Row():
                 sched_box = gr.Dropdown(sched_names, value=default_sched, label="scheduler", elem_id="scheduler")
-                guid_box = gr.Dropdown(gnames, value="cfg" if "cfg" in gnames else gnames[0], label="guidance",
+                guid_box = gr.Dropdown(gnames, value="cfg", label="guidance",
                                        elem_id="guidance")
-                gparams_box = gr.Textbox(value="scale=2.0", label="guidance parameters",
+                gparams_box = gr.Textbox(value=GUIDANCE_METHODS["cfg"].example, label="guidance parameters",
                                          info=_guidance_hint("cfg"), elem_id="guidance-params")
                 sconf_box = gr.Textbox(value="", label="scheduler config overrides (key=value, ...)",
-                                       placeholder="timestep_spacing=logsnr", elem_id="scheduler-config")
+                                       placeholder=OVERRIDE_EXAMPLE, elem_id="scheduler-config")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
             status = gr.HTML(elem_id="status")
             gallery = gr.Gallery(label="images", columns=8, height="auto", elem_id="gallery")
@@ -186,9 +194,8 @@ def build_demo(model: str = common.DIGITS, device: str = "auto", dtype: str = "a
             gr.Markdown("\n".join(f"- **{e.name}** ({e.source}): {e.description}" for e in registry().values()))
 
         def _on_guidance(method):
-            defaults = {"cfg": "scale=2.0", "apg": "scale=3,eta=0", "cfgpp": "scale=0.6",
-                        "ag": "scale=2,threshold=0.99", "rescale": "phi=0.7,scale=3"}
-            return gr.update(value=defaults.get(method, ""), info=_guidance_hint(method))
+            entry = GUIDANCE_METHODS.get(method)
+            return gr.update(value=entry.example if entry else "", info=_guidance_hint(method))
 
         guid_box.change(_on_guidance, guid_box, gparams_box, queue=False)
         gen_btn.click(run_generate, [model_box, prompt_box, labels_box, sched_box, steps_box, guid_box, gparams_box,

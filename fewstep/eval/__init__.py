@@ -1,5 +1,5 @@
 """Evaluation: offline FID Inception / CLIP / digits feature extractors, FID, KID, CLIP score
-and FD-digits. See the README section "Evaluation" and ``fewstep eval --help``.
+and FD-digits. Guide: docs/evaluation.md; command line: ``fewstep eval --help``.
 
 Submodules: :mod:`~fewstep.eval.frechet` (the one Frechet distance, feature statistics),
 :mod:`~fewstep.eval.preprocess` (``tf`` / ``clean`` resize modes), :mod:`~fewstep.eval.inception`,
@@ -11,6 +11,8 @@ torchmetrics) happen only when the corresponding names are used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "frechet_distance": "frechet",
@@ -37,6 +39,22 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+# ``fd_digits`` and ``clip_score`` are both a submodule and the function it exports. Importing the
+# submodule (``from fewstep.eval.fd_digits import ...``, as the CLI does) makes the import system bind
+# it as a package attribute, after which ``from fewstep.eval import fd_digits`` returned the module.
+# The package therefore never binds those submodules as attributes; they stay importable by path.
+_FUNCTION_NAMED_SUBMODULES = frozenset({"fd_digits", "clip_score"})
+
+
+class _EvalPackage(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _FUNCTION_NAMED_SUBMODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _EvalPackage
 
 
 def __getattr__(name: str):

@@ -1,23 +1,12 @@
 """CLIP score from a local CLIP model directory (offline), with torchmetrics' definition.
 
-``CLIPScore = max(mean_i 100 * cos(E_img(x_i), E_txt(p_i)), 0)``: per pair 100 x the cosine of
-the L2-normalised image and text embeddings, averaged, and the *mean* clamped at 0 - exactly
-``torchmetrics.multimodal.CLIPScore`` (the paper of Hessel et al. 2021 uses ``2.5 * max(cos, 0)``
-per sample instead; values are not comparable across those conventions or across CLIP models).
-
-No CLIP weights ship on PyPI (eval.md section 4), so the model is any local directory that
-``transformers.CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained`` accept
-(``local_files_only=True``; nothing is downloaded).
-
-Double-rescale guard: ``CLIPImageProcessor`` multiplies by 1/255 unconditionally, so float
-images in [0, 1] would be rescaled twice, silently (eval.md section 1.1). Images are therefore
-always converted to uint8 first: uint8 passes, float in [0, 1] is rounded ``round(x*255)``,
-anything else is a ValueError.
-
-Several processes: :class:`CLIPPairScores` is the extractor that runs CLIP score through the
-sharded pipeline of :func:`fewstep.eval.features.extract_features` (``fewstep eval clip`` under
-``accelerate launch``); the per-pair scores come back in source order and
-:func:`clip_score_from_pair_scores` takes the same clamped mean as a single process.
+``CLIPScore = max(mean_i 100 * cos(E_img(x_i), E_txt(p_i)), 0)`` with L2-normalised embeddings:
+the *mean* is clamped, as ``torchmetrics.multimodal.CLIPScore`` does. The model is a local directory
+that ``transformers.CLIPModel`` / ``CLIPProcessor`` load with ``local_files_only=True``. Images are
+converted to uint8 first (float in [0, 1] rounded, anything else a ValueError), because
+``CLIPImageProcessor`` rescales by 1/255 unconditionally. :class:`CLIPPairScores` runs the same
+scores through the sharded :func:`fewstep.eval.features.extract_features`. Conventions and
+pitfalls: docs/evaluation.md, "CLIP score".
 """
 
 from __future__ import annotations
@@ -117,7 +106,7 @@ class CLIPScorer:
         """``100 * cos`` per (image, prompt) pair, float64 (B,).
 
         ``images``: uint8 (B, C, H, W) or float in [0, 1] (rounded to uint8), or a list of
-        (C, H, W) tensors; C in {1, 3, 4} (grey replicated, alpha dropped).
+        (C, H, W) tensors; C in {1, 2, 3, 4} (grey replicated, alpha composited on white).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of str")

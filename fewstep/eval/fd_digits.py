@@ -1,23 +1,13 @@
 """FD-digits: Frechet distance on the bundled digits classifier's features, plus accuracy.
 
-The digits analogue of FID for the small teacher (issue 3): generated 8x8 digits and the
-held-out real digits (``load_digits_split("test")``, 360 images) are embedded with the digits
-classifier's penultimate features (``classifier.features(x)``), and
-:func:`fewstep.eval.frechet.frechet_distance` (float64, eigenvalue method) compares the two
-Gaussians. When the intended labels of the generated images are known, the classifier's
-accuracy on them (argmax of ``classifier(x)``) is reported too.
-
-Image convention (:func:`digits_prepare`): uint8 (C, H, W) or (B, C, H, W) images; channels
-averaged to grey (exact for grey PNGs saved as L or RGB), area-averaged down to 8x8 in float
-(``adaptive_avg_pool2d``: an exact area average when H and W are multiples of 8, e.g. an 8x8
-image upscaled by nearest), then mapped ``[0, 255] -> [-1, 1]`` by ``x / 127.5 - 1`` without
-re-quantising. Float input in [0, 1] is first rounded to uint8 (see
-:func:`fewstep.eval.preprocess.to_uint8`).
-
-Several processes: :class:`DigitsFeatures` runs through the sharded pipeline of
-:func:`fewstep.eval.features.extract_features` (``fewstep eval fd-digits`` under ``accelerate
-launch``), which all-reduces the feature sums and gathers the logits in source order;
-:func:`fd_digits_from_stats` then computes the same FD and accuracy as :func:`fd_digits`.
+:func:`fewstep.eval.frechet.frechet_distance` between the classifier's 128-d penultimate features
+(``classifier.features(x)``) of generated digits and of the 360 held-out test digits
+(``load_digits_split("test")``); with intended labels, also the classifier's accuracy (argmax of
+the logits). Images (:func:`digits_prepare`): uint8 (or float in [0, 1], rounded), alpha
+composited on white, averaged to grey, area-averaged to 8x8, mapped to [-1, 1] by
+``x / 127.5 - 1``. :class:`DigitsFeatures` runs the same through the sharded
+:func:`fewstep.eval.features.extract_features`, and :func:`fd_digits_from_stats` finishes it.
+Guide: docs/evaluation.md, "FD-digits".
 """
 
 from __future__ import annotations
@@ -27,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .frechet import FeatureStats, check_sample_size
-from .preprocess import to_uint8
+from .preprocess import to_rgb, to_uint8
 
 __all__ = [
     "digits_prepare",
@@ -36,9 +26,12 @@ __all__ = [
     "digits_reference_images",
     "fd_digits",
     "fd_digits_from_stats",
+    "check_labels",
+    "read_labels",
 ]
 
 DIGITS_SIZE = 8
+NUM_CLASSES = 10
 _MISSING = (
     "the digits classifier is not available: fewstep.models.classifier.load_digits_classifier "
     "could not be imported (it ships with the digits teacher, issue 3)"
@@ -49,15 +42,68 @@ def digits_prepare(images: torch.Tensor) -> torch.Tensor:
     """Images -> float (B, 1, 8, 8) in [-1, 1] for the digits classifier (see module docstring).
     A single (C, H, W) image gives (1, 8, 8)."""
     single = images.ndim == 3
-    x = to_uint8(images.unsqueeze(0) if single else images)
-    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-        raise ValueError(f"images must be (B, C, H, W) with C in (1, 3, 4), got {tuple(x.shape)}")
+    x = to_uint8(images)
+    x = x.unsqueeze(0) if single else x
+    if x.ndim != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise ValueError(f"images must be (B, C, H, W) with C in (1, 2, 3, 4), got {tuple(x.shape)}")
     if x.shape[-1] < DIGITS_SIZE or x.shape[-2] < DIGITS_SIZE:
         raise ValueError(f"digit images must be at least 8x8, got {tuple(x.shape[-2:])}")
-    x = x[:, :3].float().mean(1, keepdim=True)
+    x = to_rgb(x).float().mean(1, keepdim=True)  # alpha composited on white, as files are read
     x = F.adaptive_avg_pool2d(x, DIGITS_SIZE)
     x = x / 127.5 - 1.0
     return x[0] if single else x
+
+
+def check_labels(labels, n: int | None = None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Intended classes as a (N,) int64 tensor, checked: integers (ints, or floats with integer
+    values) in ``0..num_classes-1``, and ``n`` of them when ``n`` is given; ValueError naming the
+    first bad entry's index and value otherwise."""
+    t = torch.as_tensor(labels).flatten()
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            k = int((~torch.isfinite(t) | (t != t.round())).nonzero()[0])
+            raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got {t[k].item()!r} at index {k}")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got dtype {t.dtype}")
+    t = t.long()
+    outside = (t < 0) | (t >= num_classes)
+    if bool(outside.any()):
+        k = int(outside.nonzero()[0])
+        raise ValueError(f"labels: the label at index {k} is {int(t[k])}, outside 0..{num_classes - 1} "
+                         f"({int(outside.sum())} label(s) out of range)")
+    if n is not None and len(t) != n:
+        raise ValueError(f"labels has {len(t)} entries for {n} images")
+    return t
+
+
+def read_labels(path, n: int | None = None, num_classes: int = NUM_CLASSES) -> list[int]:
+    """Labels from a text file, one integer per non-blank line (surrounding spaces ignored), each
+    in ``0..num_classes-1``; ``n`` of them when given. Errors name the file and the line."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file not found: {str(p)!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p} is not a UTF-8 text file of labels ({err})") from err
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            lab = int(s)
+        except ValueError:
+            raise ValueError(f"{p}, line {lineno}: {s!r} is not an integer label (one label 0..{num_classes - 1} "
+                             "per line)") from None
+        if not 0 <= lab < num_classes:
+            raise ValueError(f"{p}, line {lineno}: label {lab} is outside 0..{num_classes - 1}")
+        out.append(lab)
+    if n is not None and len(out) != n:
+        raise ValueError(f"{p} has {len(out)} labels for {n} images (one per image, in sorted file order)")
+    return out
 
 
 def load_classifier() -> nn.Module:
@@ -169,13 +215,19 @@ def fd_digits(
     """
     extractor = extractor if extractor is not None else DigitsFeatures()
     if isinstance(images, (list, tuple)):
-        x = torch.stack([digits_prepare(im) for im in images]) if len(images) else torch.zeros(0, 1, 8, 8)
+        prepared = []
+        for i, im in enumerate(images):
+            try:
+                prepared.append(digits_prepare(im))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"image {i} of the list: {err}") from err
+        x = torch.stack(prepared) if prepared else torch.zeros(0, 1, 8, 8)
     elif isinstance(images, torch.Tensor) and images.ndim == 4:
         x = digits_prepare(images)
     else:
         raise TypeError("images must be a (N, C, H, W) tensor or a list of (C, H, W) tensors")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+    if labels is not None:
+        labels = check_labels(labels, len(images))
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
         if labels is None:
@@ -222,7 +274,7 @@ def fd_digits_from_stats(
     check_sample_size(reference.n, reference.dim, "reference images")
     out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}
     if labels is not None:
-        labels = torch.as_tensor(labels).long().flatten()
+        labels = check_labels(labels, num_classes=NUM_CLASSES if logits is None else int(logits.shape[-1]))
         if logits is None or len(logits) != len(labels) or len(labels) != gen.n:
             n_logits = None if logits is None else len(logits)
             raise ValueError(f"labels has {len(labels)} entries for {gen.n} images ({n_logits} logits)")

@@ -16,28 +16,27 @@ score as a one-dimensional feature). An *extractor* is an ``nn.Module`` with
 
 Features are returned as float32, or float64 when the extractor returns float64 (CLIP scores).
 
-Under ``accelerate launch`` (or any initialised ``torch.distributed`` group) the images are
-sharded round-robin (rank r takes indices r, r+W, ...), each process extracts its share, the
-float64 running sums are all-reduced and the features (when asked) and extras are gathered back
-into the original order on every process, so every result equals a single-process run.
+Under ``accelerate launch`` (or any ``torch.distributed`` group) rank r of W takes images r, r+W,
+...; the float64 sums are all-reduced and features and extras gathered back in source order, so
+results equal a single-process run (docs/evaluation.md, "Several GPUs or processes").
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from .._io import atomic_path
 from ..device import resolve_device
 from .frechet import FeatureStats
 from .images import BadImagesError, ImageSource, find_bad_images
 
-__all__ = ["resolve_device", "extract_features", "FeatureResult"]
+__all__ = ["resolve_device", "extract_features", "check_images", "FeatureResult"]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -63,6 +62,33 @@ def _gather_in_order(idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tens
         return None
     order = torch.argsort(torch.cat([p[0] for p in parts]))
     return torch.cat([p[1] for p in parts])[order]
+
+
+def check_images(source: ImageSource, *, skip_bad: bool = False, progress: bool = False) -> list[tuple[str, str]]:
+    """Check every image of ``source`` before any feature work; return the ``(name, reason)`` of
+    its bad files (unreadable, not images, unsupported modes).
+
+    Raises ValueError for an empty source and for one whose files are all bad, and
+    :class:`BadImagesError` (a ValueError listing them) for bad files unless ``skip_bad``. Under
+    ``torch.distributed`` each process checks its round-robin share and the lists are gathered, so
+    every process agrees. The result is remembered on ``source``: :func:`extract_features` (and a
+    second call) reuse it, so ``fewstep eval`` can check all its inputs first at no extra cost.
+    """
+    if len(source) == 0:
+        raise ValueError(f"no images in {source.description}")
+    rank, world = _dist_info()
+    memo = source.__dict__.setdefault("_checked_bad", {})  # per (rank, world): a gather needs every rank
+    bad = memo.get((rank, world))
+    if bad is None:
+        sub = source.subset(list(range(rank, len(source), world)))
+        parts = _all_gather_objects(find_bad_images(sub, progress=progress and rank == 0))
+        bad = memo[(rank, world)] = sorted(b for part in parts for b in part)
+    if bad and not skip_bad:
+        raise BadImagesError(source.description, bad)
+    if len(bad) == len(source):
+        shown = "; ".join(f"{n}: {r}" for n, r in bad[:3])
+        raise ValueError(f"no readable images in {source.description}: all {len(bad)} file(s) are bad ({shown})")
+    return list(bad)
 
 
 def _embed(extractor, batch: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,6 +146,17 @@ class FeatureResult:
     extra: torch.Tensor | None = None
     indices: list[int] | None = None
     per_process: list[int] | None = None
+    _checkpoint: "_Checkpoint | None" = field(default=None, repr=False, compare=False)
+
+    def remove_checkpoint(self) -> None:
+        """Delete the checkpoint that ``extract_features(..., keep_checkpoint=True)`` kept, once the
+        results are stored safely. Under ``torch.distributed`` every process calls it; it first
+        waits for all of them (so rank 0 has finished writing), then removes its own file."""
+        if self._checkpoint is None:
+            return
+        _all_gather_objects(None)  # a barrier
+        self._checkpoint.remove()
+        self._checkpoint = None
 
 
 def extract_features(
@@ -134,12 +171,14 @@ def extract_features(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 10,
+    keep_checkpoint: bool = False,
 ) -> FeatureResult:
     """Extract features of every image of ``source`` with ``extractor``.
 
-    Bad files (unreadable, not images) are collected by name first: with ``skip_bad=False``
-    a :class:`BadImagesError` (a ValueError) listing them is raised before any feature work;
-    with ``skip_bad=True`` they are skipped with a warning. ``device`` is "auto", "cpu" or
+    Bad files (unreadable, not images, unsupported modes) are collected by name first
+    (:func:`check_images`): with ``skip_bad=False`` a :class:`BadImagesError` (a ValueError)
+    listing them is raised before any feature work; with ``skip_bad=True`` they are skipped with a
+    warning. An empty source, or one with no readable image, is a ValueError. ``device`` is "auto", "cpu" or
     "cuda"; ``num_workers`` DataLoader processes decode and resize. A tqdm bar shows progress
     on the main process. See the module docstring for the distributed behaviour.
 
@@ -147,7 +186,10 @@ def extract_features(
     saved every ``checkpoint_every`` batches (atomically; one file per rank, suffixed ``.rankN``,
     under several processes). If it exists when the call starts, the work resumes after the last
     saved batch, provided it was made for the same images, extractor and batch size (else a
-    ValueError says to remove it); it is deleted once the features are complete.
+    ValueError says to remove it); it is deleted once the features are complete. With
+    ``keep_checkpoint=True`` it is instead completed and kept until the caller has stored the
+    results and calls :meth:`FeatureResult.remove_checkpoint` (a kill while the caller writes its
+    output then costs nothing: the rerun finishes at once).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -156,15 +198,10 @@ def extract_features(
     from tqdm.auto import tqdm
 
     rank, world = _dist_info()
+    # 1. find bad files (sharded check, gathered so that every process agrees; reused if done before)
+    bad = check_images(source, skip_bad=skip_bad, progress=progress)
     dev = resolve_device(device)
     extractor = extractor.to(dev)
-
-    # 1. find bad files (sharded check, gathered so that every process agrees)
-    mine = list(range(rank, len(source), world))
-    sub = source.subset(mine)
-    bad = [b for part in _all_gather_objects(find_bad_images(sub, progress=progress and rank == 0)) for b in part]
-    if bad and not skip_bad:
-        raise BadImagesError(source.description, sorted(bad))
     bad_names = {n for n, _ in bad}
     keep = [i for i in range(len(source)) if source.names[i] not in bad_names]
 
@@ -177,7 +214,8 @@ def extract_features(
         collate_fn=_collate,
         pin_memory=dev.type == "cuda",
     )
-    stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta())
+    stats = FeatureStats(dim=int(extractor.num_features), meta=extractor.meta(),
+                         origin=f"features of {source.description}")
     local_idx, local_feats, local_extra, late_bad = [], [], [], []
     ckpt = _Checkpoint(checkpoint, rank, world, checkpoint_every, shard, stats.meta, batch_size, keep_features)
     done = ckpt.restore(stats, local_idx, local_feats, local_extra, late_bad)
@@ -207,16 +245,26 @@ def extract_features(
             done += len(idx) + len(bad_items)
             ckpt.step(done, stats, local_idx, local_feats, local_extra, late_bad)
 
-    parts = _all_gather_objects((late_bad, stats.n))
+    local_late = late_bad
+    parts = _all_gather_objects((local_late, stats.n))
     late_bad = [b for part, _ in parts for b in part]
     per_process = [n for _, n in parts]
     if late_bad and not skip_bad:
-        raise BadImagesError(source.description, sorted(late_bad))
+        # found only by decoding, after the pass: keep the finished work for the --skip-bad rerun
+        note = ckpt.save(done, stats, local_idx, local_feats, local_extra, local_late)
+        raise BadImagesError(source.description, sorted(late_bad), note)
     late_names = {n for n, _ in late_bad}
+    if len(late_names) == len(keep):
+        shown = "; ".join(f"{n}: {r}" for n, r in sorted(late_bad)[:3])
+        raise ValueError(f"no readable images in {source.description}: all {len(keep)} file(s) failed to decode "
+                         f"({shown})")
     skipped = sorted(bad + late_bad)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} bad file(s) in {source.description}", stacklevel=2)
 
+    hold = keep_checkpoint and ckpt.path is not None
+    if hold:  # this process's complete state (before the all-reduce): a rerun finishes at once
+        ckpt.save(done, stats, local_idx, local_feats, local_extra, local_late)
     stats.all_reduce()
     idx = torch.cat(local_idx) if local_idx else torch.zeros(0, dtype=torch.long)
     features = None
@@ -226,9 +274,10 @@ def extract_features(
             features = torch.zeros(0, stats.dim)
     extra = _gather_in_order(idx, torch.cat(local_extra) if local_extra else None)
     used = [i for i in keep if source.names[i] not in late_names]
-    ckpt.remove()
+    if not hold:
+        ckpt.remove()
     return FeatureResult(stats=stats, features=features, names=[source.names[i] for i in used], skipped=skipped,
-                         extra=extra, indices=used, per_process=per_process)
+                         extra=extra, indices=used, per_process=per_process, _checkpoint=ckpt if hold else None)
 
 
 class _Checkpoint:
@@ -245,8 +294,12 @@ class _Checkpoint:
     def restore(self, stats, local_idx, local_feats, local_extra, late_bad) -> int:
         if self.path is None or not self.path.exists():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("key") != self.key:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a damaged file: torch/pickle/zipfile raise many types
+            raise ValueError(f"checkpoint {self.path} cannot be read ({type(err).__name__}: {err}); remove it to "
+                             "start the feature pass over") from err
+        if not isinstance(state, dict) or state.get("key") != self.key:
             raise ValueError(f"checkpoint {self.path} was made for other images, another extractor or "
                              "batch size; remove it to start over")
         stats.n, stats.sum, stats.sum_outer = state["n"], state["sum"], state["sum_outer"]
@@ -258,13 +311,19 @@ class _Checkpoint:
 
     def step(self, done, stats, local_idx, local_feats, local_extra, late_bad) -> None:
         self.batches += 1
-        if self.path is None or self.batches % self.every:
-            return
+        if self.path is not None and not self.batches % self.every:
+            self.save(done, stats, local_idx, local_feats, local_extra, late_bad)
+
+    def save(self, done, stats, local_idx, local_feats, local_extra, late_bad) -> str:
+        """Write the state now (atomically: an interrupted save never corrupts the last checkpoint);
+        returns a note for error messages saying where the work is kept ("" without a checkpoint)."""
+        if self.path is None:
+            return ""
         state = {"key": self.key, "done": done, "n": stats.n, "sum": stats.sum, "sum_outer": stats.sum_outer,
                  "idx": local_idx, "feats": local_feats, "extra": local_extra, "late_bad": late_bad}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # atomic: an interrupted save never corrupts the last checkpoint
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        return f"the features computed so far are kept in {self.path} (a rerun continues from there)"
 
     def remove(self) -> None:
         if self.path is not None and self.path.exists():

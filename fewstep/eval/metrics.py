@@ -104,7 +104,8 @@ class FID(FrechetInceptionDistance):
         across ``reset()``; refuses statistics of another extractor or preprocessing."""
         if not isinstance(stats, FeatureStats):
             raise TypeError(f"stats must be a FeatureStats, got {type(stats).__name__}")
-        FeatureStats(dim=stats.dim, meta=self._meta()).check_compatible(stats)
+        dim = int(getattr(self.inception, "num_features", self.real_features_sum.shape[0]))
+        FeatureStats(dim=dim, meta=self._meta(), origin="this metric's extractor").check_compatible(stats)
         dev = self.real_features_sum.device
         self.real_features_sum = stats.sum.to(dev).clone()
         self.real_features_cov_sum = stats.sum_outer.to(dev).clone()

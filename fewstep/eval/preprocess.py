@@ -1,23 +1,18 @@
 """Image preprocessing for the FID Inception network: quantisation and resize to 299 px.
 
-Two modes, each matching a published tool bit for bit in what it does to the pixels:
+Two modes, then ``(x - 128) / 128``:
 
 ``"tf"`` (default)
-    TensorFlow 1 ``tf.image.resize_bilinear(align_corners=False)`` (the "asymmetric" pixel
-    mapping ``src = dst * in/out``, no half-pixel centres, no antialiasing) in float32, then
-    ``(x - 128) / 128``. This is what the original TTUR FID, NVlabs StyleGAN2-ADA/StyleGAN3/EDM
-    (their TorchScript ``grid_sample`` emulation), torch-fidelity and torchmetrics with
-    ``antialias=False`` do; eval.md section 3 measured NVlabs and TF1-emulation features identical.
-    It is *not* torchmetrics 1.9's default (``antialias=True``), which differs by FID ~4 for
-    non-299 inputs.
+    TensorFlow 1 ``tf.image.resize_bilinear(align_corners=False)`` in float32: ``src = dst * in/out``,
+    no half-pixel centres, no antialiasing (TTUR FID, NVlabs, torch-fidelity, torchmetrics with
+    ``antialias=False``).
 ``"clean"``
-    clean-fid's ``mode="clean"``: PIL bicubic resize of each channel as a float (mode ``"F"``)
-    image, clipped to [0, 255] and not re-quantised, then ``(x - 128) / 128``.
+    clean-fid's ``mode="clean"``: PIL bicubic per channel as a float (``"F"``) image, clipped to
+    [0, 255], not re-quantised.
 
-Inputs are uint8 images in [0, 255]. Float images are accepted in [0, 1] and quantised by
-*rounding* ``round(x * 255)`` (what diffusers' ``numpy_to_pil`` and NVlabs' ``x*127.5+128``
-clamp do), not by truncation as torchmetrics' ``normalize=True`` does (eval.md section 3:
-truncation alone shifts FID by ~0.34).
+Inputs are uint8 in [0, 255]; float images in [0, 1] are quantised by rounding ``round(x * 255)``,
+not truncated. Which tools each mode matches and how much the choices move FID:
+docs/evaluation.md, "Preprocessing".
 """
 
 from __future__ import annotations
@@ -26,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["PREPROCESS_MODES", "to_uint8", "to_rgb", "resize_tf_bilinear", "resize_pil_bicubic", "inception_preprocess"]
+__all__ = [
+    "PREPROCESS_MODES", "to_uint8", "to_rgb", "composite_on_white", "resize_tf_bilinear", "resize_pil_bicubic",
+    "inception_preprocess",
+]
 
 PREPROCESS_MODES = ("tf", "clean")
 INCEPTION_SIZE = 299
@@ -42,8 +40,10 @@ def check_mode(mode: str) -> str:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Return uint8 images: uint8 passes through; float in [0, 1] becomes ``round(x*255)``.
 
-    Raises ValueError for floats outside [0, 1] (a [0, 255] or [-1, 1] float tensor is a common
-    mistake that would silently give a wrong metric) and TypeError for other dtypes.
+    Raises ValueError for non-finite floats (NaN, inf: NaN passes every range comparison and would
+    become black pixels) and for floats outside [0, 1] (a [0, 255] or [-1, 1] float tensor is a
+    common mistake that would silently give a wrong metric), naming the first offending image of
+    a (B, C, H, W) batch; TypeError for other dtypes.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -51,23 +51,54 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
         return images
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
+    if not images.numel():
+        return images.to(torch.uint8)
+
+    def which(bad: torch.Tensor) -> str:
+        if images.ndim != 4:
+            return "the image has"
+        per_image = bad.reshape(len(images), -1).any(1)
+        idx = per_image.nonzero().flatten().tolist()
+        more = f" (and {len(idx) - 1} more)" if len(idx) > 1 else ""
+        return f"image {idx[0]} of the batch{more} has"
+
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(images).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(f"{which(~finite)} non-finite values ({n_nan} NaN, {n_inf} inf): images must be finite "
+                         "floats in [0, 1] or uint8; check the sampler output (fewer steps, lower guidance)")
+    outside = (images < 0) | (images > 1)
+    if bool(outside.any()):
         raise ValueError(
-            f"float images must lie in [0, 1] (got min {images.min().item():.3g}, max {images.max().item():.3g}); "
-            "map [-1, 1] with (x + 1) / 2 or pass uint8 for [0, 255]"
+            f"float images must lie in [0, 1]: {which(outside)} values in [{images.min().item():.3g}, "
+            f"{images.max().item():.3g}]; map [-1, 1] with (x + 1) / 2 or pass uint8 for [0, 255]"
         )
     return (images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
+def composite_on_white(color: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Straight (non-premultiplied) alpha composited on white, in exact integer arithmetic:
+    ``round((c a + 255 (255 - a)) / 255)`` for uint8 ``color`` (B, C, H, W) and ``alpha``
+    (B, 1, H, W). An opaque alpha (255) returns ``color`` unchanged."""
+    c, a = color.to(torch.int32), alpha.to(torch.int32)
+    return torch.div(c * a + 255 * (255 - a) + 127, 255, rounding_mode="floor").to(torch.uint8)
+
+
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) with C in {1, 3, 4} to 3 channels: grayscale is replicated, alpha dropped
-    (as PIL ``convert("RGB")``, which NVlabs and clean-fid use when reading files)."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-        raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 3, 4), got {tuple(images.shape)}")
+    """(B, C, H, W) to 3 channels. C = 1 (grey) is replicated; C = 3 passes; C = 2 (grey + alpha)
+    and C = 4 (RGBA) are composited on white (:func:`composite_on_white`; uint8 only), as image
+    files with transparency are read (docs/evaluation.md, "Reading files")."""
+    if images.ndim != 4 or images.shape[1] not in (1, 2, 3, 4):
+        raise ValueError(f"images must have shape (B, C, H, W) with C in (1, 2, 3, 4), got {tuple(images.shape)}")
     c = images.shape[1]
-    if c == 1:
+    if c in (2, 4):
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images with an alpha channel (C={c}) must be uint8, got {images.dtype}")
+        images = composite_on_white(images[:, : c - 1], images[:, c - 1 :])
+    if images.shape[1] == 1:
         return images.expand(-1, 3, -1, -1)
-    return images[:, :3] if c == 4 else images
+    return images
 
 
 def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -111,7 +142,7 @@ def resize_pil_bicubic(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Ten
 
 
 def inception_preprocess(images: torch.Tensor, mode: str = "tf") -> torch.Tensor:
-    """Images (B, C, H, W), uint8 or float in [0, 1] (rounded), C in {1, 3, 4}, to the FID
+    """Images (B, C, H, W), uint8 or float in [0, 1] (rounded), C in {1, 2, 3, 4}, to the FID
     Inception input: float32 (B, 3, 299, 299) in ``(x - 128) / 128`` units, resized per ``mode``
     (see the module docstring for which tool each mode matches)."""
     check_mode(mode)

@@ -35,11 +35,9 @@ import torch
 from ..schedule import (
     FLOW_SCHEDULER_CLASSES,
     PREDICTION_TYPES,
-    NoiseSchedule,
     edm_preconditioning,
     from_x0_eps,
-    is_cosine_dpm_config,
-    is_edm_config,
+    noise_schedule_of,
     to_x0_eps,
 )
 
@@ -86,40 +84,25 @@ def scheduler_sigma_data(scheduler) -> float | None:
     """``sigma_data`` when the scheduler expects an EDM-preconditioned network (Karras et al. 2022,
     Eq. 7: raw output ``F``, input ``c_in x``): fewstep schedulers on an EDM schedule and diffusers'
     ``EDM*`` schedulers; None for VP and flow schedulers. diffusers' Cosine DPM-Solver (another
-    ``c_noise``) is a ``ValueError``."""
+    ``c_noise``) is a ``ValueError``. Read through :func:`fewstep.schedule.noise_schedule_of`."""
     if scheduler is None:
         return None
-    if hasattr(scheduler, "_edm_sigma_data"):
-        return scheduler._edm_sigma_data
-    name = type(scheduler).__name__
-    cfg = dict(getattr(scheduler, "config", {}) or {})
-    if name.startswith("Cosine") or is_cosine_dpm_config(cfg):
-        raise ValueError(f"{name} is not supported by fewstep guidance (its c_noise is not EDM's)")
-    if name.startswith("EDM") or is_edm_config(cfg):
-        return float(cfg.get("sigma_data") or 0.5)
-    return None
+    return noise_schedule_of(scheduler).sigma_data
 
 
 def scheduler_alpha_sigma(scheduler, t, step_index: int | None = None) -> tuple[float, float]:
     """``(alpha, sigma)`` of the state the model sees at this step.
 
     fewstep schedulers report their grid point (``alpha_sigma``); any other diffusers scheduler is
-    read through :meth:`NoiseSchedule.from_config` at the model time ``t`` (diffusers' Euler-type
-    schedulers feed the model ``scale_model_input(x)``, which is exactly this VP state).
+    read through its schedule (:func:`fewstep.schedule.noise_schedule_of`) at the model time ``t``
+    (diffusers' Euler-type schedulers feed the model ``scale_model_input(x)``, which is exactly this
+    VP state).
     """
     if scheduler is None:
         raise ValueError("scheduler is required for guidance outside the raw-output space")
     if hasattr(scheduler, "alpha_sigma"):
         return scheduler.alpha_sigma(step_index)
-    sched = getattr(scheduler, "_fewstep_noise_schedule", None)
-    if sched is None:
-        cfg = dict(scheduler.config)
-        cfg.setdefault("_class_name", type(scheduler).__name__)
-        sched = NoiseSchedule.from_config(cfg)
-        try:
-            scheduler._fewstep_noise_schedule = sched
-        except Exception:  # pragma: no cover - frozen objects
-            pass
+    sched = noise_schedule_of(scheduler)
     tt = float(sched.t_of_model_time(float(torch.as_tensor(t).reshape(-1)[0])))  # EDM: t is c_noise
     return float(sched.alpha(tt)), float(sched.sigma(tt))
 
@@ -251,7 +234,7 @@ def can_slice(c: Any, batch: int) -> bool:
 # the base class
 # ------------------------------------------------------------------------------------------------
 class Guidance:
-    """Base class of guidance rules (DESIGN.md, "Guidance").
+    """Base class of guidance rules (protocol: docs/guidance.md; architecture: docs/design.md).
 
     Subclasses implement :meth:`guide` (combine a full batch of conditional and unconditional
     raw outputs) and may override :meth:`needs_uncond` (per-sample: does this step need the
@@ -322,7 +305,9 @@ class Guidance:
 
         Evaluates ``model(x, t, cond)`` over the batch and ``model(x[m], t, uncond[m])`` over the
         samples ``m`` that :meth:`needs_uncond` selects (all of them, a sub-batch when the
-        conditions can be sliced, or none), then combines them.
+        conditions can be sliced, or none), then combines them. When every sample needs both
+        branches and the model has ``evaluate_pair(x, t, cond, uncond) -> (out_cond, out_uncond)``
+        (:class:`fewstep.models.adapters.Denoiser` does), the two run as one batched call.
 
         Returns ``(out, renoise_eps, used)``: the guided raw output for ``scheduler.step``, the
         CFG++ renoise ``eps`` or None, and the number of model evaluations made.
@@ -336,12 +321,17 @@ class Guidance:
             raise ValueError(f"needs_uncond returned {mask.numel()} flags for a batch of {b}")
         if bool(mask.any()) and not bool(mask.all()) and not (can_slice(uncond, b) and x.shape[0] == b):
             mask = torch.ones_like(mask)  # the condition cannot be split: evaluate the whole batch
-        out_c = model(x, t, cond)
+        pair = getattr(model, "evaluate_pair", None)
+        out_u = None
+        if bool(mask.all()) and pair is not None:  # both branches in one batched network call
+            out_c, out_u = pair(x, t, cond, uncond)
+        else:
+            out_c = model(x, t, cond)
         used = 1
         self.sample_evals += 1.0
-        out_u = None
         if bool(mask.all()):
-            out_u = model(x, t, uncond)
+            if out_u is None:
+                out_u = model(x, t, uncond)
             used += 1
             self.sample_evals += 1.0
         elif bool(mask.any()):

@@ -1,6 +1,6 @@
 """Guidance rules: CFG, guidance rescale, APG, CFG++ and Adaptive Guidance.
 
-Scale conventions used throughout (see the README's conventions table):
+Scale conventions used throughout (the table in docs/guidance.md maps them to diffusers and ComfyUI):
 
 * ``w`` ("diffusers / Imagen convention"): ``uncond + w (cond - uncond)``; ``w = 1`` is the
   conditional model alone. diffusers' ``guidance_scale`` and ComfyUI's ``cfg`` are this ``w``.
@@ -11,6 +11,8 @@ Scale conventions used throughout (see the README's conventions table):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -80,6 +82,13 @@ class CFG(Guidance):
     def __init__(self, scale: float = 7.5):
         super().__init__()
         self.scale = check_number("scale", scale)
+
+    def make_context(self, x, t, scheduler, step_index: int, num_steps: int | None) -> GuidanceContext:
+        """CFG is linear in the raw output, so its step needs no noise level: the context carries
+        ``alpha = sigma = nan`` and reads nothing from the scheduler (``fewstep.sample(guidance=w)``
+        works with any scheduler, as a pipeline's own CFG does)."""
+        return GuidanceContext(x, t, math.nan, math.nan, step_index=step_index, num_steps=num_steps,
+                               scheduler=scheduler)
 
     def needs_uncond(self, ctx):
         """At ``scale == 1`` the guided output is the conditional one: skip the unconditional pass

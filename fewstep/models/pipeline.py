@@ -8,7 +8,6 @@ where class 10 is the null label used for classifier-free guidance) trained with
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .adapters import denoiser
 from .digits import NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -77,13 +77,16 @@ class DigitsPipeline(DiffusionPipeline):
     DPMSolverMultistep, Euler, UniPC, or a fewstep scheduler). The pipeline only uses the public
     scheduler contract: ``set_timesteps``, ``timesteps``, ``init_noise_sigma``,
     ``scale_model_input`` and ``step`` (``generator`` is passed to ``step`` only when its signature
-    accepts one, so ancestral/SDE schedulers are reproducible).
+    accepts one, so ancestral/SDE schedulers are reproducible). The loop is :func:`fewstep.sample`
+    over :func:`fewstep.models.adapters.denoiser` ``(unet, null_class=10)``.
 
     Guidance convention (diffusers' ``guidance_scale`` ``w``; Ho & Salimans 2022, "Classifier-Free
     Diffusion Guidance", eq. 6 written as ``uncond + w (cond - uncond)``): for ``w > 1`` the model
-    output is ``out_uncond + w * (out_cond - out_uncond)``, combined on the raw (v) output, which
-    is linear in ``x0`` and ``eps`` so it equals the same combination in x0 space. For ``w <= 1``
-    only the conditional model is evaluated (no unconditional pass; ``w`` is then ignored).
+    output is :class:`fewstep.guidance.CFG` ``(w)``, combined on the raw (v) output, which is linear
+    in ``x0`` and ``eps`` so it equals the same combination in x0 space; both branches run in one
+    batched UNet call. For ``w <= 1`` only the conditional model is evaluated (no unconditional
+    pass; ``w`` is then ignored). ``guidance=`` takes any :class:`fewstep.guidance.Guidance`
+    (APG, CFG++, ...) instead.
     """
 
     model_cpu_offload_seq = "unet"
@@ -92,21 +95,27 @@ class DigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
+    @staticmethod
+    def _guidance(guidance_scale: float, guidance=None):
+        """The guidance rule of one call: ``guidance`` when given, else ``CFG(w)`` for ``w > 1``
+        and None (conditional model only) for ``w <= 1``."""
+        if guidance is not None:
+            return guidance
+        from fewstep.guidance.methods import CFG
+
+        return CFG(guidance_scale) if guidance_scale > 1.0 else None
+
     def _model_output(
         self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float
     ) -> tuple[torch.Tensor, int]:
-        """Raw guided model output at ``(x, t)`` and the number of evaluations per image it took."""
-        b = x.shape[0]
-        t_in = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=x.device)
-        t_in = t_in.to(x.device).reshape(-1)
-        if guidance_scale > 1.0:
-            x_in = torch.cat([x, x])
-            y_in = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
-            out = self.unet(x_in, t_in.expand(2 * b), class_labels=y_in).sample
-            cond, uncond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond), 2
-        out = self.unet(x, t_in.expand(b), class_labels=labels).sample
-        return out, 1
+        """Raw guided model output at ``(x, t)`` and the number of evaluations per image it took
+        (one step of :meth:`__call__`)."""
+        model = denoiser(self.unet, NULL_CLASS)
+        guide = self._guidance(guidance_scale)
+        if guide is None:
+            return model(x, t, labels), 1
+        out, _, used = guide.predict(model, x, t, labels, model.null(labels))
+        return out, used
 
     @torch.no_grad()
     def __call__(
@@ -119,6 +128,7 @@ class DigitsPipeline(DiffusionPipeline):
         upscale: int | None = None,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        guidance=None,
         **step_kwargs,
     ) -> DigitsPipelineOutput | tuple:
         """Generate one 8x8 digit per entry of ``class_labels`` (ints 0..9).
@@ -138,12 +148,16 @@ class DigitsPipeline(DiffusionPipeline):
             latents: optional initial noise ``(B, 1, 8, 8)`` (standard normal; it is multiplied by
                 ``scheduler.init_noise_sigma``).
             return_dict: return :class:`DigitsPipelineOutput` (default) or a tuple ``(images,)``.
+            guidance: a :class:`fewstep.guidance.Guidance` (e.g. ``APG(3.0)``) used instead of
+                ``guidance_scale``; a fresh generation resets its state.
             **step_kwargs: extra keyword arguments for ``scheduler.step`` (e.g. ``eta`` for DDIM).
 
         Returns: :class:`DigitsPipelineOutput` with ``images`` and ``nfe`` (model evaluations per
         image). Raises ``ValueError`` naming the bad argument, ``FloatingPointError`` (with the
         step index) if the sample becomes non-finite.
         """
+        from fewstep.sample import sample
+
         labels = _check_labels(class_labels)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
                 or num_inference_steps < 1:
@@ -159,6 +173,8 @@ class DigitsPipeline(DiffusionPipeline):
         bad_type = isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer))
         if upscale is not None and (bad_type or upscale < 1):
             raise ValueError(f"upscale must be None or an integer >= 1, got {upscale!r}")
+        if guidance is not None and not hasattr(guidance, "predict"):
+            raise ValueError(f"guidance must be None or a fewstep.guidance.Guidance, got {guidance!r}")
 
         device = self._execution_device
         dtype = self.unet.dtype
@@ -176,22 +192,15 @@ class DigitsPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
 
-        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
-        x = latents * self.scheduler.init_noise_sigma
-        step_params = inspect.signature(self.scheduler.step).parameters
-        extra = dict(step_kwargs)
-        if "generator" in step_params and generator is not None:
-            extra["generator"] = generator
-        nfe = 0
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            x_in = self.scheduler.scale_model_input(x, t)
-            out, n = self._model_output(x_in, t, labels, guidance_scale)
-            nfe += n
-            if not torch.isfinite(out).all():
-                raise FloatingPointError(f"non-finite model output at step {i} (timestep {float(t):g})")
-            x = self.scheduler.step(out, t, x, **extra, return_dict=True).prev_sample
+        def check_finite(i, t, x):
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"non-finite sample after step {i} (timestep {float(t):g})")
+
+        model = denoiser(self.unet, NULL_CLASS)
+        x, nfe = sample(model, latents, self.scheduler, int(num_inference_steps),
+                        guidance=self._guidance(guidance_scale, guidance), cond=labels, uncond=model.null(labels),
+                        generator=generator, callback=check_finite, step_kwargs=step_kwargs,
+                        progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
 
         images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
         if upscale is not None and upscale > 1:

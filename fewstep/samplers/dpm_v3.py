@@ -1,24 +1,6 @@
-"""DPM-Solver-v3 (Zheng, Lu, Chen, Zhu, NeurIPS 2023, arXiv 2310.13268) as a diffusers scheduler.
-
-With ``y = x / alpha``, ``f = (sigma eps - l x) / alpha`` and the empirical model statistics
-``l, s, b`` (see :mod:`fewstep.samplers.ems`), the exact solution from ``lambda_s`` to ``lambda_t``
-is (paper Eq. 9)
-
-    y_t = e^{L_s - L_t} y_s - e^{-L_t - S_s} int e^{L+S} g dlambda - e^{-L_t} (C_t - C_s - B_s (I_t - I_s))
-
-with ``g_lambda = e^{S_s - S_lambda} f_lambda - e^{S_s} (B_lambda - B_s)`` (paper Eq. 8). The solver
-Taylor-expands ``g`` at ``lambda_s`` (paper Eq. 13):
-
-    y_t ~ A y_s - c_0 g_s - const - sum_{k>=1} c_k g_s^(k),   c_k = e^{L_s - L_t} E_k(s, t)
-
-with the derivatives ``g^(k)`` estimated from previous points (multistep, paper Sec. 3.2) by
-solving the Vandermonde system (``predictor_pseudo=False``) or by divided differences that use
-only the ``k + 1`` newest points ("pseudo-order", paper Sec. 3.3/Theorem 3.4).
-
-Degenerate statistics ``l = 1, s = 0, b = 0`` give ``g = f = -x0`` and closed-form weights
-``A = e^{-h}``, ``c_k = psi_k(h) = e^{-h} int_0^h e^u u^k / k! du`` -- DPM-Solver++'s multistep
-update (order 2 equals DPM-Solver++(2M) with ``solver_type="heun"``, the official "taylor";
-order 3 equals DPM-Solver++(3M)).
+"""``DPMSolverV3Scheduler``: DPM-Solver-v3 (Zheng, Lu, Chen, Zhu, NeurIPS 2023, arXiv 2310.13268) as a
+diffusers scheduler: EMS handling (loading, snapping the grid onto them, refinement), the history,
+the orders and the corrector. The update itself is :func:`fewstep.samplers.dpm_v3_update.v3_update`.
 """
 
 from __future__ import annotations
@@ -29,10 +11,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from diffusers.configuration_utils import register_to_config
 
+from .._imports import moved_names
 from ..schedule import Grid, NoiseSchedule
+from .dpm_v3_update import ClosedFormCoefficients, EMSCoefficients, V3Point, v3_update
 from .ems import EMS, resolve_ems_path
 from .scheduler import FewstepScheduler
 
@@ -53,47 +36,10 @@ SOLVER_KEYS = {"solver_order": DEFAULT_ORDER, "timestep_spacing": None, "timeste
 V3_ONLY_KEYS = ("degenerated", "predictor_pseudo", "half_region")  # present in every v3 config
 
 
-def _psi(h: float, order: int) -> list[float]:
-    """``psi_k(h) = e^{-h} int_0^h e^u u^k / k! du`` for ``k = 0..order-1``
-    (recursion ``psi_k = h^k / k! - psi_{k-1}``, ``psi_0 = -expm1(-h)``)."""
-    out = [-math.expm1(-h)]
-    for k in range(1, order):
-        out.append(h**k / math.factorial(k) - out[-1])
-    return out
-
-
-def derivative_estimates(lams: list[float], gs: list[torch.Tensor], pseudo: bool) -> list[torch.Tensor]:
-    """``[g^(1), ..., g^(n)]`` at ``lams[0]`` from the values ``gs`` at ``lams`` (``n = len - 1``).
-
-    ``pseudo=False``: the interpolating polynomial through all points (Vandermonde solve,
-    ``g_j - g_0 = sum_k g^(k) d_j^k / k!`` with ``d_j = lams[j] - lams[0]``; paper Eq. 14).
-    ``pseudo=True``: divided differences ``D^(k)_i = (D^(k-1)_i - D^(k-1)_{i+1}) / (lams[i] - lams[i+k])``
-    and ``g^(k) = k! D^(k)_0`` (paper Sec. 3.3, "pseudo-order")."""
-    n = len(lams) - 1
-    if n == 0:
-        return []
-    if pseudo:
-        table = [list(gs)]
-        for k in range(1, n + 1):
-            prev = table[-1]
-            table.append([(prev[i] - prev[i + 1]) / (lams[i] - lams[i + k]) for i in range(n - k + 1)])
-        return [table[k][0] * math.factorial(k) for k in range(1, n + 1)]
-    d = np.asarray(lams[1:], dtype=np.float64) - lams[0]
-    vinv = np.linalg.inv(np.stack([d**k for k in range(1, n + 1)], axis=1))  # rows j, cols k
-    diffs = [g - gs[0] for g in gs[1:]]
-    out = []
-    for k in range(n):
-        acc = sum(float(vinv[k, j]) * diffs[j] for j in range(n))
-        out.append(acc * math.factorial(k + 1))
-    return out
-
-
 class DPMSolverV3Scheduler(FewstepScheduler):
     """DPM-Solver-v3 (Zheng et al., NeurIPS 2023, arXiv 2310.13268): multistep predictor of order
     1-3 (paper Alg. 1 / Eq. 13), pseudo-order derivative estimates, and the corrector without extra
-    model evaluations (paper Sec. 3.3, Alg. 2: after the model has been evaluated at the predicted
-    point, the step into it is redone with that new value among the interpolation points and the
-    state is replaced while the nonlinear part ``N = sigma eps - l x`` is kept).
+    model evaluations (paper Sec. 3.3, Alg. 2).
 
     Takes the ``DPMSolverMultistepScheduler`` keywords (same meaning where they apply) plus:
 
@@ -102,32 +48,23 @@ class DPMSolverV3Scheduler(FewstepScheduler):
       ``from_config(config, ems=...)`` and ``from_pretrained(folder)`` (``ems_file`` in the config).
       Without EMS the scheduler warns and runs ``degenerated``.
     * ``degenerated``: use ``l = 1, s = 0, b = 0`` (DPM-Solver++ in v3 form, paper App. A.2).
-    * the step grids of :class:`~fewstep.samplers.DPMSolverPPScheduler` (``timestep_spacing``
-      ``"logsnr"``, ``"karras"``, ``"exponential"``, ``"time_power"`` with ``timestep_power``).
-    * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``): pseudo-order
-      predictor; a corrector of one order more than the predictor that produced the point.
-    * ``use_corrector``, ``half`` and ``half_region``: with ``half=True`` the corrector runs only on
-      half of the trajectory. The paper text says "t <= 0.5"; the official code corrects where
-      ``t > 0.5`` (the noisy half). fewstep follows the paper text by default
-      (``half_region="clean"``: points with ``t <= t_min + 0.5 (t_max - t_min)``) because on the exact
-      Gaussian mixture the noisy-half corrector measured the same as no corrector while the
-      clean-half one kept the whole gain (benchmarks/dpm_v3.py); ``half_region="noisy"``
-      reproduces the official code. The default ``half=False`` corrects everywhere.
-    * ``lower_order_final``: as the official v3, the last steps use orders ``<= n - i`` at any
-      number of steps (diffusers only below 15 steps).
-    * EMS snapping: every sampling point (any ``timestep_spacing``, explicit ``timesteps``/``sigmas``)
-      is moved to the nearest EMS grid point in lambda, and the model is called at that point's
-      exact (float) time (``round_timesteps`` defaults to false with EMS). A grid finer than the
-      EMS grid (two points would snap onto one) samples on the EMS linearly interpolated onto the
-      smallest finer grid that separates them (:meth:`EMS.refined`, up to 16x, with a warning).
+    * ``predictor_pseudo`` / ``corrector_pseudo`` (official ``p_pseudo`` / ``c_pseudo``).
+    * ``use_corrector``, ``half`` and ``half_region`` (``"clean"``, the paper text's half, default;
+      ``"noisy"``, the official code's): with ``half=True`` the corrector runs on half of the trajectory.
+    * ``lower_order_final``: as the official v3, orders ``<= n - i`` on the last steps at any number of steps.
 
-    The last step into ``sigma = 0`` (``final_sigmas_type="zero"``) returns the data prediction of
-    the last (corrected) point, like DPM-Solver++; ``final_sigmas_type="sigma_min"`` ends on the
-    EMS grid instead. Units: ``timesteps`` on the training scale, lambdas = half log-SNR.
+    Every sampling point is snapped to the nearest EMS grid point in lambda and the model is called
+    at its exact float time; grids finer than the EMS grid run on an interpolated, refined EMS.
+    Units: ``timesteps`` on the training scale, lambdas = half log-SNR. Details:
+    docs/samplers-reference.md ("DPMSolverV3Scheduler").
     """
 
     supports_renoise = True
     ignore_for_config = ["ems"]
+    # None: exact float model times when EMS are loaded, diffusers' integer rounding without (set_ems)
+    # v3's own defaults (docs/dpm-v3.md, "Defaults"): its grid is chosen per schedule kind in __init__
+    _config_overrides = {"round_timesteps": None, "timestep_spacing": None, "timestep_power": DEFAULT_POWER,
+                         "solver_order": DEFAULT_ORDER}
 
     @register_to_config
     def __init__(
@@ -311,92 +248,48 @@ class DPMSolverV3Scheduler(FewstepScheduler):
 
     # ---------------------------------------------------------------------- state
     def _reset_history(self) -> None:
-        self._hist: list[dict] = []  # newest first: {"i", "lam", "a", "s", "k", "x", "f"}
+        self._hist: list[V3Point] = []  # newest first
         self._prev_p_order = 0
 
-    def _point(self, i: int) -> dict:
+    def _point(self, i: int) -> V3Point:
         k = None if getattr(self, "_ems_idx", None) is None else int(self._ems_idx[i])
-        return {"i": i, "lam": float(self._lambdas[i]), "a": float(self._alphas[i]), "s": float(self._sigmas[i]),
-                "k": k}
+        return V3Point(float(self._lambdas[i]), float(self._alphas[i]), float(self._sigmas[i]), index=i, k=k)
 
-    def _l_at(self, p: dict, ref: torch.Tensor):
-        if not self.uses_ems:
-            return 1.0
-        return self._tensor(self._run_ems.l[p["k"]], ref)
+    @property
+    def coefficients(self) -> EMSCoefficients | ClosedFormCoefficients:
+        """The coefficient source of the update: the (possibly refined) EMS, or the closed form."""
+        return EMSCoefficients(self._run_ems) if self.uses_ems else ClosedFormCoefficients()
 
-    def _tensor(self, arr, ref: torch.Tensor):
-        return torch.as_tensor(np.asarray(arr), dtype=ref.dtype, device=ref.device)
-
-    def _corrector_active(self, p: dict) -> bool:
+    def _corrector_active(self, p: V3Point) -> bool:
         c = self.config
         if not c.use_corrector:
             return False
         if not c.half:
             return True
         sched = self.schedule
-        t = float(sched.t_of_lambda(p["lam"]))
+        t = float(sched.t_of_lambda(p.lam))
         mid = sched.t_min + 0.5 * (sched.t_max - sched.t_min)
         return t > mid if c.half_region == "noisy" else t <= mid
 
-    # ---------------------------------------------------------------------- the update
-    def _g(self, f: torch.Tensor, ref: dict, p: dict) -> torch.Tensor:
-        """``g_p = e^{S_ref - S_p} f_p - e^{S_ref} (B_p - B_ref)`` (paper Eq. 8, relative to ``ref``)."""
-        if not self.uses_ems:
-            return f
-        e = self._run_ems
-        ks, kp = ref["k"], p["k"]
-        if ks == kp:
-            return f
-        return self._tensor(np.exp(e.S[ks] - e.S[kp]), f) * f - self._tensor(np.exp(e.S[ks]) * (e.B[kp] - e.B[ks]), f)
-
-    def _advance(self, x_s: torch.Tensor, pts: list[dict], target: dict, order: int, pseudo: bool) -> torch.Tensor:
-        """Move ``x_s`` (at ``pts[0]``) to ``target`` with the order-``order`` expansion of ``g``
-        through ``pts[:order]`` (paper Eq. 13)."""
-        ps = pts[:order]
-        s, a_t = ps[0], target["a"]
-        gs = [self._g(p["f"], s, p) for p in ps]
-        derivs = derivative_estimates([p["lam"] for p in ps], gs, pseudo) if order > 1 else []
-        if not self.uses_ems:
-            h = target["lam"] - s["lam"]
-            coeff = _psi(h, order)
-            y = (math.exp(-h) / s["a"]) * x_s - coeff[0] * gs[0]
-            for k, d in enumerate(derivs, start=1):
-                y = y - coeff[k] * d
-            return a_t * y
-        e = self._run_ems
-        ks, kt = s["k"], target["k"]
-        ref = x_s
-        A = self._tensor(np.exp(e.L[ks] - e.L[kt]) / s["a"], ref)
-        # integrals relative to lambda_s (overflow-free): e^{L_s - L_t} E_0 and e^{L_s + S_s - L_t} B-term
-        c0 = self._tensor(np.exp(e.L[ks] - e.L[kt]) * e.exp_coefficient(ks, kt, 0), ref)
-        const = self._tensor(np.exp(e.L[ks] + e.S[ks] - e.L[kt]) * e.b_coefficient(ks, kt), ref)
-        y = A * x_s - c0 * gs[0] - const
-        for k, d in enumerate(derivs, start=1):
-            ck = self._tensor(np.exp(e.L[ks] - e.L[kt]) * e.exp_coefficient(ks, kt, k), ref)
-            y = y - ck * d
-        return a_t * y
-
+    # ---------------------------------------------------------------------- the step
     def _update(self, i, x, x0, noise):
         c = self.config
         n = len(self.timesteps)
-        if self.uses_ems:
-            self.ems.check_shape(tuple(x.shape[1:]))
+        src = self.coefficients
+        src.check_shape(x.shape[1:])
         p = self._point(i)
-        a_s = p["a"]
-        l_s = self._l_at(p, x)
+        l_s = src.l(p, x)
         # f = (sigma eps - l x) / alpha = (1 - l) x / alpha - x0   (x0 = (x - sigma eps) / alpha)
-        f = (1.0 - l_s) * x / a_s - x0
-        p["f"] = f
+        p.f = (1.0 - l_s) * x / p.alpha - x0
         hist = self._hist
-        if hist and hist[0]["i"] != i - 1:
+        if hist and hist[0].index != i - 1:
             hist.clear()  # not a continuation of the previous step (e.g. a new begin index)
         if hist and self._corrector_active(p):
             c_order = min(self._prev_p_order + int(c.corrector_pseudo), len(hist) + 1)
-            if c_order > 1:
+            if c_order > 1:  # redo the step into p with p's own value among the points (paper Alg. 2)
                 prev = hist[0]
-                pts = [prev, p] + hist[1:]
-                x = self._advance(prev["x"], pts, p, c_order, c.corrector_pseudo)
-        p["x"] = x
+                x = v3_update(prev.x, [prev, p] + hist[1:], p, c_order, src, c.corrector_pseudo)
+        p.x = x
         hist.insert(0, p)
         del hist[c.solver_order + 1 :]
         order = min(c.solver_order, len(hist))
@@ -404,7 +297,12 @@ class DPMSolverV3Scheduler(FewstepScheduler):
             order = min(order, n - i)
         target = self._point(i + 1)
         self._prev_p_order = order
-        if not math.isfinite(target["lam"]):
+        if not math.isfinite(target.lam):
             # into sigma = 0: the data prediction of the (corrected) state, N kept fixed
-            return (1.0 - l_s) * x / a_s - f
-        return self._advance(x, hist, target, order, c.predictor_pseudo)
+            return (1.0 - l_s) * x / p.alpha - p.f
+        return v3_update(x, hist, target, order, src, c.predictor_pseudo)
+
+
+# moved to fewstep.samplers.dpm_v3_update
+__getattr__ = moved_names(__name__, {"_psi": "fewstep.samplers.dpm_v3_update:psi",
+                                     "derivative_estimates": "fewstep.samplers.dpm_v3_update:derivative_estimates"})

@@ -1,17 +1,7 @@
-"""DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095): multistep, singlestep and SDE variants.
+"""``DPMSolverPPScheduler``: DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095) as a diffusers scheduler.
 
-All updates are in *data-prediction* form: with ``h = lambda_t - lambda_s`` the exact solution
-of the probability-flow ODE is (paper Eq. 9)
-
-    x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda
-
-and the solvers Taylor-expand ``x0`` in ``lambda``. ``phi1 = expm1(-h)``; ``ms`` are data
-predictions, newest first. The pure functions below take python floats for the noise levels
-(computed in float64) and tensors for states; coefficients are applied to float32 tensors.
-
-SDE-DPM-Solver++ (paper Sec. 5 / App. B; diffusers ``sde-dpmsolver++``) adds the exact Gaussian
-transition of the VP SDE: ``x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) x0
-+ sigma_t sqrt(1 - e^{-2h}) z`` plus the same derivative corrections with SDE weights.
+The update formulas are in :mod:`fewstep.samplers.dpmpp_update`; this module keeps the history,
+chooses the order per step and plans the singlestep (DPM-Solver-fast) evaluation points.
 """
 
 from __future__ import annotations
@@ -19,10 +9,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from diffusers.configuration_utils import register_to_config
 
+from .._imports import moved_names
 from ..schedule import Grid, check_num_inference_steps
+from .dpmpp_update import Point, first_order, multistep_update, second_order, third_order_singlestep
 from .scheduler import FewstepScheduler
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -30,95 +21,17 @@ SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "dpmsolver": "midpoint",
 METHODS = ("multistep", "singlestep")
 
 
-# ------------------------------------------------------------------------------------------------
-# pure update functions
-# ------------------------------------------------------------------------------------------------
-def first_order_update(x, m0, lam_s, lam_t, a_t, s_t, s_s, noise=None):
-    """DPM-Solver++(1) = DDIM (paper Eq. 10 with k = 1):
-    ``x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) m0``; with ``noise``, SDE-DPM-Solver++1.
-    ``lam_t`` may be ``inf`` (``sigma_t = 0``): the step then returns ``alpha_t m0``."""
-    h = lam_t - lam_s
-    if noise is None:
-        return (s_t / s_s) * x - (a_t * math.expm1(-h)) * m0
-    e2 = math.exp(-2.0 * h)
-    return (s_t / s_s * math.exp(-h)) * x + (a_t * (1.0 - e2)) * m0 + (s_t * math.sqrt(1.0 - e2)) * noise
-
-
-def second_order_update(x, m0, lam_s, m1, lam_1, lam_t, a_t, s_t, s_s, solver_type="midpoint", noise=None):
-    """Second-order DPM-Solver++ from ``x`` at ``lam_s`` with data predictions ``m0`` (at
-    ``lam_s``) and ``m1`` (at ``lam_1``, behind for multistep 2M, ahead for singlestep 2S).
-
-    ``D1 = (m1 - m0) / r`` with ``r = (lam_1 - lam_s) / h`` (paper Alg. 2 for 2M, Alg. 1 for 2S);
-    ``midpoint``: ``x_t = (sigma_t/sigma_s) x - alpha_t phi1 m0 - 0.5 alpha_t phi1 D1``;
-    ``heun`` (official "taylor"): ``... + alpha_t (phi1/h + 1) D1``.
-    """
-    h = lam_t - lam_s
-    d1 = (m1 - m0) * (h / (lam_1 - lam_s))
-    if noise is None:
-        phi1 = math.expm1(-h)
-        x_t = (s_t / s_s) * x - (a_t * phi1) * m0
-        if solver_type == "midpoint":
-            return x_t - (0.5 * a_t * phi1) * d1
-        return x_t + (a_t * (phi1 / h + 1.0)) * d1
-    e2 = math.exp(-2.0 * h)
-    x_t = (s_t / s_s * math.exp(-h)) * x + (a_t * (1.0 - e2)) * m0 + (s_t * math.sqrt(1.0 - e2)) * noise
-    if solver_type == "midpoint":
-        return x_t + (0.5 * a_t * (1.0 - e2)) * d1
-    return x_t + (a_t * ((1.0 - e2) / (-2.0 * h) + 1.0)) * d1
-
-
-def third_order_multistep_update(x, ms, lams, lam_t, a_t, s_t, s_s, noise=None, d2_weight=1.0):
-    """DPM-Solver++(3M) (paper App. B, official ``multistep_dpm_solver_third_update``): ``ms`` and
-    ``lams`` hold the three newest data predictions and their lambdas, newest first.
-
-    ``D2 = (D1_0 - D1_1)/(r0 + r1)`` estimates ``h^2 x0''/2``, and the exact integral of the
-    Taylor term is ``int_0^h tau^2/2 e^(tau-h) dtau x0'' = -h^2 phi3 x0''``, i.e. ``-2 alpha_t phi3 D2``.
-    The official code and diffusers use ``-alpha_t phi3 D2`` (``d2_weight=1``, the default, for
-    parity), which halves the second-derivative term and makes 3M formally second order;
-    ``d2_weight=2`` is the exact third-order update (ODE only)."""
-    m0, m1, m2 = ms
-    l0, l1, l2 = lams
-    h, h0, h1 = lam_t - l0, l0 - l1, l1 - l2
-    r0, r1 = h0 / h, h1 / h
-    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    if noise is None:
-        phi1 = math.expm1(-h)
-        phi2 = phi1 / h + 1.0
-        phi3 = phi2 / h - 0.5
-        return (s_t / s_s) * x - (a_t * phi1) * m0 + (a_t * phi2) * d1 - (d2_weight * a_t * phi3) * d2
-    e2 = math.exp(-2.0 * h)
-    return (
-        (s_t / s_s * math.exp(-h)) * x
-        + (a_t * (1.0 - e2)) * m0
-        + (a_t * ((1.0 - e2) / (-2.0 * h) + 1.0)) * d1
-        + (a_t * ((1.0 - e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
-        + (s_t * math.sqrt(1.0 - e2)) * noise
-    )
-
-
-def third_order_singlestep_update(
-    x, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t, s_t, s_s, solver_type="midpoint"
-):
-    """Last stage of DPM-Solver++(3S) (paper Alg. 1 / official ``singlestep_dpm_solver_third_update``)
-    with intermediate predictions ``m1`` at ``lam_1 = lam_s + r1 h`` and ``m2`` at ``lam_2 = lam_s + r2 h``.
-
-    ``midpoint`` (official "dpmsolver"):
-    ``x_t = (sigma_t/sigma_s) x - alpha_t phi1 m0 + (1/r2) alpha_t phi2 (m2 - m0)``;
-    ``heun`` (official "taylor"): first and second divided differences from both intermediate points.
-    """
-    if solver_type == "midpoint":
-        return second_order_update(x, m0, lam_s, m2, lam_2, lam_t, a_t, s_t, s_s, "heun")
-    h = lam_t - lam_s
-    r1, r2 = (lam_1 - lam_s) / h, (lam_2 - lam_s) / h
-    d1_0, d1_1 = (m1 - m0) / r1, (m2 - m0) / r2
-    d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
-    d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-    phi1 = math.expm1(-h)
-    phi2 = phi1 / h + 1.0
-    phi3 = phi2 / h - 0.5
-    return (s_t / s_s) * x - (a_t * phi1) * m0 + (a_t * phi2) * d1 - (a_t * phi3) * d2
+def multistep_order(order: int, i: int, n: int, config, lam_t: float) -> int:
+    """The order of multistep step ``i`` of ``n`` after diffusers' final-step rules: first order on
+    the last step with ``euler_at_final``, ``final_sigmas_type="zero"`` or ``lower_order_final``
+    below 15 steps (then at most second order on the one before), and into ``sigma = 0``
+    (``lam_t = inf``), where divided differences do not exist."""
+    if i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
+                       or config.final_sigmas_type == "zero"):
+        return 1
+    if i == n - 2 and config.lower_order_final and n < 15:
+        order = min(order, 2)
+    return 1 if not math.isfinite(lam_t) else order
 
 
 def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
@@ -143,57 +56,16 @@ def singlestep_orders(nfe: int, order: int, final_zero: bool) -> list[int]:
 # the scheduler
 # ------------------------------------------------------------------------------------------------
 class DPMSolverPPScheduler(FewstepScheduler):
-    """DPM-Solver++ as a diffusers scheduler (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided
-    Sampling of Diffusion Probabilistic Models", arXiv 2211.01095).
+    """DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095; paper Eq. 9-10, Alg. 1-2) as a diffusers scheduler.
 
-    Drop-in for ``DPMSolverMultistepScheduler``: the constructor takes its keywords with the same
-    meaning (``solver_order``, ``solver_type``, ``algorithm_type``, ``use_karras_sigmas``,
-    ``use_lu_lambdas``, ``use_exponential_sigmas``, ``timestep_spacing``, ``final_sigmas_type``,
-    ``lower_order_final``, ``euler_at_final``, ``thresholding``, ``dynamic_thresholding_ratio``,
-    ``sample_max_value``, ``prediction_type``, ``lambda_min_clipped``, ``use_flow_sigmas``,
-    ``flow_shift``, ...), and with coinciding settings reproduces it step by step.
-
-    fewstep additions:
-
-    * ``method="singlestep"``: the official DPM-Solver-fast (paper Alg. 1): each interval of the
-      outer grid gets an order from the fast schedule (:func:`singlestep_orders`), intermediate
-      evaluations at ``r = 1/2`` (2S) or ``r = 1/3, 2/3`` (3S) of the interval in lambda.
-      ``num_inference_steps`` counts model evaluations (NFE). ``timesteps`` then lists every
-      evaluation point. (diffusers' ``DPMSolverSinglestepScheduler`` instead cycles orders over the
-      plain grid.) SDE is multistep only.
-    * ``timestep_spacing`` also takes ``"logsnr"``, ``"karras"`` (with ``karras_rho``),
-      ``"exponential"`` and ``"time_power"`` (with ``timestep_power``; ``2`` is DPM-Solver's
-      ``time_quadratic``, see :func:`fewstep.schedule.make_grid`); ``set_timesteps`` accepts
-      ``sigmas=`` as well as ``timesteps=``.
-    * ``solver_type`` also takes the official names ``"dpmsolver"`` (= midpoint) and ``"taylor"`` (= heun).
-    * SD3/Flux FlowMatch configs switch on flow sigmas automatically in ``from_config``.
-    * EDM / VE models (Karras et al. 2022): ``from_config`` of an ``EDMDPMSolverMultistepScheduler``
-      (or ``EDMEulerScheduler``) config sets ``schedule_kind="edm"`` and reproduces diffusers' EDM
-      scheduler: ``sigma_min``/``sigma_max`` (VE range), ``sigma_data`` (Table 1 preconditioning),
-      ``sigma_schedule`` (``"karras"``, Eq. 5 with ``rho``, or ``"exponential"``),
-      ``prediction_type`` ``"epsilon"`` (EDM's ``F``) or ``"v_prediction"``; ``scale_model_input``
-      multiplies by ``c_in``, ``timesteps`` are ``c_noise = log(sigma)/4``. On EDM's VE schedule
-      ``alpha = 1`` and ``lambda = -log(sigma)``, so the DPM-Solver++ updates (paper Eq. 9-10,
-      Alg. 2) are the same functions as for VP. Deliberate differences from diffusers:
-      ``init_noise_sigma = sigma_max`` (the paper's prior, Alg. 1) instead of
-      ``sqrt(sigma_max^2 + 1)``, ``final_sigmas_type="sigma_min"`` ends on ``sigma_min`` without
-      a zero-length last step (NaN in diffusers for heun 2M and 3M at >= 15 steps), a one-step
-      exponential grid starts at ``sigma_max`` (diffusers: at ``sigma_min``), and SDE order 3
-      works (diffusers' EDM scheduler has no SDE 3M).
-    * ``round_timesteps=False`` keeps exact (float) model times on discrete schedules instead of
-      rounding them to integers as diffusers does (the model then sees exactly the noise level the
-      solver assumes on Karras / logSNR grids).
-    * ``exact_third_order=True``: 3M with the exact weight of the second-derivative term (see
-      :func:`third_order_multistep_update`; the official code and diffusers halve it, which makes
-      their 3M second order). Measured on the exact Gaussian mixture: order ~3 instead of ~2.3.
-    * ``check_finite``: raise on NaN/inf model outputs, naming the step.
-    * ``renoise_eps`` in ``step`` (CFG++).
-
-    Defaults follow diffusers (order 2 multistep, midpoint, ``final_sigmas_type="zero"``,
-    ``lower_order_final=True`` meaning lower orders on the last steps when fewer than 15 steps).
-    The official recommendation: order 2 multistep for guided sampling (the default), order 3 for
-    unconditional or lightly guided sampling; ``timestep_spacing="logsnr"`` for small
-    pixel-space models, time-uniform for latent models.
+    Drop-in for ``DPMSolverMultistepScheduler`` (same keywords and, with coinciding settings, the
+    same steps), on discrete VP, flow-matching (SD3/Flux) and EDM/VE (``schedule_kind="edm"``)
+    schedules. Additions: ``method="singlestep"`` (DPM-Solver-fast, NFE-counted, :func:`singlestep_orders`),
+    the spacings of :func:`fewstep.schedule.make_grid`, ``round_timesteps=False`` (exact float model
+    times), ``exact_third_order`` (3M with the exact ``x0''`` weight), ``check_finite`` and the
+    CFG++ ``renoise_eps``. ``timesteps``: model times (training scale; EDM ``c_noise``); ``sigmas``:
+    diffusers' public sigmas. Options, defaults and the differences from diffusers:
+    docs/samplers-reference.md ("DPMSolverPPScheduler").
     """
 
     supports_renoise = True
@@ -242,6 +114,8 @@ class DPMSolverPPScheduler(FewstepScheduler):
         sigma_schedule: str | None = None,
         rho: float | None = None,
     ):
+        self._setup()  # maps UniPC's/DEIS' solver and algorithm types first
+        algorithm_type, solver_type = self.config.algorithm_type, self.config.solver_type
         if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
             raise ValueError(
                 f"algorithm_type={algorithm_type!r} (noise-prediction DPM-Solver) is deprecated in diffusers and not "
@@ -256,19 +130,17 @@ class DPMSolverPPScheduler(FewstepScheduler):
         if method == "singlestep" and algorithm_type != "dpmsolver++":
             raise ValueError("method='singlestep' supports algorithm_type='dpmsolver++' only (SDE is multistep)")
         self._solver_type = SOLVER_TYPES[solver_type]
-        self._setup()
         self._reset_history()
 
     # ---------------------------------------------------------------------- state
     def _reset_history(self) -> None:
-        self._hist: list[tuple[float, torch.Tensor]] = []  # (lambda, x0), newest first
         self._stage_state = None  # singlestep: (interval id, x_s, [(lambda, x0), ...])
 
     def _needs_noise(self) -> bool:
         return self.config.algorithm_type == "sde-dpmsolver++"
 
     # ---------------------------------------------------------------------- singlestep planning
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None):
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None):
         """See :meth:`FewstepScheduler.set_timesteps`; for ``method="singlestep"``
         ``num_inference_steps`` is the number of model evaluations and the outer grid gets one point
         per interval of the DPM-Solver-fast order schedule."""
@@ -279,20 +151,21 @@ class DPMSolverPPScheduler(FewstepScheduler):
                 int(num_inference_steps), self.config.solver_order, self.config.final_sigmas_type == "zero"
             )
             num_inference_steps = len(self._orders)
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps, sigmas=sigmas)
 
     def _plan(self, grid: Grid, num_inference_steps) -> Grid:
         if self.config.method != "singlestep":
             return grid
         k = len(grid.timesteps)
+        if self._orders is None:
+            # explicit timesteps/sigmas list every evaluation (as this scheduler's own timesteps do), so
+            # set_timesteps(timesteps=s.timesteps) is idempotent: group them into DPM-Solver-fast intervals
+            self._set_plan(singlestep_orders(k, self.config.solver_order, grid.sigmas[-1] == 0))
+            return grid
         orders = self._orders
-        if orders is None:  # explicit outer grid: full order everywhere, first order into sigma = 0
-            orders = [self.config.solver_order] * k
-            if grid.sigmas[-1] == 0:
-                orders[-1] = 1
         lam = grid.lambdas
         sched = self.schedule
-        t_out, a_out, s_out, plan = [], [], [], []
+        t_out, a_out, s_out = [], [], []
         for j in range(k):
             ratios = {1: [0.0], 2: [0.0, 0.5], 3: [0.0, 1.0 / 3.0, 2.0 / 3.0]}[orders[j]]
             for stage, r in enumerate(ratios):
@@ -304,19 +177,20 @@ class DPMSolverPPScheduler(FewstepScheduler):
                     t_r = float(sched.t_of_lambda(lam[j] + r * (lam[j + 1] - lam[j])))
                     a_out.append(float(sched.alpha(t_r)))
                     s_out.append(float(sched.sigma(t_r)))
-                    t_out.append(round(t_r) if sched.kind == "discrete" and self.config.round_timesteps else t_r)
-                plan.append((j, stage, orders[j]))
-        self._plan_steps = plan
-        self._outer_end = {}  # interval -> index of the grid point that ends it
-        idx = 0
-        for j in range(k):
-            idx += orders[j]
-            self._outer_end[j] = idx
+                    t_out.append(round(t_r) if self._rounds_timesteps else t_r)
+        self._set_plan(orders)
         return Grid(
             timesteps=np.asarray(t_out, dtype=np.float64),
             alphas=np.append(np.asarray(a_out), grid.alphas[-1]),
             sigmas=np.append(np.asarray(s_out), grid.sigmas[-1]),
         )
+
+    def _set_plan(self, orders: list[int]) -> None:
+        """Evaluation ``i`` is stage ``stage`` of interval ``j`` of order ``orders[j]``; interval ``j``
+        ends at grid point ``_outer_end[j]``."""
+        self._plan_steps = [(j, stage, order) for j, order in enumerate(orders) for stage in range(order)]
+        ends = np.cumsum(orders)
+        self._outer_end = {j: int(ends[j]) for j in range(len(orders))}
 
     # ---------------------------------------------------------------------- updates
     def _update(self, i, x, x0, noise):
@@ -324,61 +198,47 @@ class DPMSolverPPScheduler(FewstepScheduler):
             return self._singlestep_update(i, x, x0)
         return self._multistep_update(i, x, x0, noise)
 
-    def _point(self, i):
-        return float(self._lambdas[i]), float(self._alphas[i]), float(self._sigmas[i])
+    def _point(self, i) -> Point:
+        return Point(float(self._lambdas[i]), float(self._alphas[i]), float(self._sigmas[i]))
 
     def _multistep_update(self, i, x, x0, noise):
         c = self.config
         n = len(self.timesteps)
-        lam_s, _, s_s = self._point(i)
-        lam_t, a_t, s_t = self._point(i + 1)
-        self._hist.insert(0, (lam_s, x0))
-        del self._hist[c.solver_order :]
-        order = min(c.solver_order, len(self._hist))
-        if i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"):
-            order = 1
-        elif i == n - 2 and c.lower_order_final and n < 15:
-            order = min(order, 2)
-        if not math.isfinite(lam_t):
-            order = 1  # a step into sigma = 0 cannot use divided differences
-        if order == 1:
-            return first_order_update(x, x0, lam_s, lam_t, a_t, s_t, s_s, noise)
-        if order == 2:
-            lam_1, m1 = self._hist[1]
-            return second_order_update(x, x0, lam_s, m1, lam_1, lam_t, a_t, s_t, s_s, self._solver_type, noise)
-        ms = [m for _, m in self._hist[:3]]
-        lams = [lam for lam, _ in self._hist[:3]]
+        s, t = self._point(i), self._point(i + 1)
+        # the history is diffusers' model_outputs (newest last), so pipelines that edit it act on the solver
+        order = min(c.solver_order, self.lower_order_nums + 1)
+        preds = [(float(self._lambdas[i - k]), self.model_outputs[-1 - k]) for k in range(order)]
+        order = multistep_order(order, i, n, c, t.lam)
         d2_weight = 2.0 if (c.exact_third_order and noise is None) else 1.0
-        return third_order_multistep_update(x, ms, lams, lam_t, a_t, s_t, s_s, noise, d2_weight)
+        return multistep_update(x, s, t, preds, order, self._solver_type, noise, d2_weight)
 
     def _singlestep_update(self, i, x, x0):
         j, stage, order = self._plan_steps[i]
-        lam_i, _, _ = self._point(i)
-        end = self._outer_end[j]
-        lam_t, a_t, s_t = self._point(end)
+        p = self._point(i)
+        t = self._point(self._outer_end[j])  # the end of the interval
         state = self._stage_state
         if stage == 0:
-            self._stage_state = (j, x, [(lam_i, x0)], self._point(i))
-            state = self._stage_state
+            self._stage_state = state = (j, x, [(p.lam, x0)], p)
         elif state is None or state[0] != j:
             # entered mid-interval (img2img begin index): first order to the next point
-            lam_n, a_n, s_n = self._point(i + 1)
-            return first_order_update(x, x0, lam_i, lam_n, a_n, s_n, float(self._sigmas[i]))
+            return first_order(x, p, self._point(i + 1), x0)
         else:
-            state[2].append((lam_i, x0))
-        _, x_s, preds, (lam_s, _, s_s) = state
-        m0 = preds[0][1]
-        if order == 1 or stage == 0:
-            lam_n, a_n, s_n = self._point(i + 1)  # the next evaluation point (or the interval end)
-            return first_order_update(x_s, m0, lam_s, lam_n, a_n, s_n, s_s)
+            state[2].append((p.lam, x0))
+        _, x_s, preds, s = state
+        if order == 1 or stage == 0:  # to the next evaluation point (or the interval end)
+            return first_order(x_s, s, self._point(i + 1), preds[0][1])
         if order == 2:
-            (lam_1, m1) = preds[1]
-            return second_order_update(x_s, m0, lam_s, m1, lam_1, lam_t, a_t, s_t, s_s, self._solver_type)
+            return second_order(x_s, s, t, preds, self._solver_type)
         if stage == 1:  # 3S, second stage: to the second intermediate point with the Taylor 2nd order
-            lam_n, a_n, s_n = self._point(i + 1)
-            (lam_1, m1) = preds[1]
-            return second_order_update(x_s, m0, lam_s, m1, lam_1, lam_n, a_n, s_n, s_s, "heun")
-        (lam_1, m1), (lam_2, m2) = preds[1], preds[2]
-        return third_order_singlestep_update(
-            x_s, m0, lam_s, m1, lam_1, m2, lam_2, lam_t, a_t, s_t, s_s, self._solver_type
-        )
+            return second_order(x_s, s, self._point(i + 1), preds, "heun")
+        return third_order_singlestep(x_s, s, t, preds, self._solver_type)
+
+
+# the DPM-Solver++ update functions of fewstep <= 0.1 took 7-12 positional floats and tensors; they now
+# take Points (fewstep.samplers.dpmpp_update), the old signatures stay importable from here
+_OLD_UPDATES = {"first_order_update": "first_order", "second_order_update": "second_order",
+                "third_order_multistep_update": "third_order_multistep",
+                "third_order_singlestep_update": "third_order_singlestep"}
+__getattr__ = moved_names(__name__, {old: f"fewstep.samplers._legacy:{old}" for old in _OLD_UPDATES},
+                          {old: f"fewstep.samplers.dpmpp_update.{new} (takes Point records)"
+                           for old, new in _OLD_UPDATES.items()})

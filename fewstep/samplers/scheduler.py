@@ -5,7 +5,10 @@ point ``i`` to ``i + 1`` given the data prediction ``x0`` at point ``i`` and wha
 keeps) and, optionally, :meth:`FewstepScheduler._plan` (to insert intermediate evaluation points,
 as singlestep solvers do) and :meth:`FewstepScheduler._reset_history`.
 
-What lives here: config handling for SD / SDXL / SD3 / FlowMatch / EDM configs, step grids
+What lives here: config handling for SD / SDXL / SD3 / FlowMatch / UniPC / DEIS / EDM configs
+(values mapped as diffusers maps them, misspelt keywords named), diffusers' public state (training
+tables, ``model_outputs``, ``lower_order_nums``, ``convert_model_output``, ``compatibles`` by
+schedule kind), step grids
 (``set_timesteps`` with ``timesteps=`` or ``sigmas=``), ``step_index``/``begin_index``
 bookkeeping for img2img and inpainting, ``scale_model_input``, ``add_noise``,
 ``init_noise_sigma``, the EDM preconditioning of model inputs and times (Karras et al. 2022,
@@ -16,11 +19,12 @@ checks, CFG++ renoising and ``save_pretrained``/``from_pretrained`` (inherited f
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
-import math
 import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,23 +33,17 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..schedule import (
-    EDM_PREDICTION_TYPES,
-    EDM_SIGMA_SCHEDULES,
     FLOW_SCHEDULER_CLASSES,
-    GRID_KINDS,
-    PREDICTION_TYPES,
-    SCHEDULE_KINDS,
     Grid,
     NoiseSchedule,
-    _check_choice,
-    check_power,
-    edm_preconditioning,
     is_cosine_dpm_config,
     is_edm_config,
     is_flow_matching_config,
     make_grid,
     to_x0_eps,
+    training_tables,
 )
+from .config import check_config, config_value, karras_rho, switched_values
 
 
 @dataclass
@@ -68,6 +66,53 @@ def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 
+#: keywords diffusers' loaders pass on to ``from_config`` (``from_pretrained``, ``load_config``)
+LOADER_KEYWORDS = frozenset({
+    "cache_dir", "local_dir", "local_dir_use_symlinks", "force_download", "resume_download", "proxies", "token",
+    "use_auth_token", "local_files_only", "revision", "subfolder", "user_agent", "mirror", "variant", "torch_dtype",
+    "output_loading_info", "return_commit_hash", "dduf_entries", "low_cpu_mem_usage", "use_safetensors",
+})
+
+
+@functools.lru_cache(maxsize=1)
+def _scheduler_keywords() -> frozenset:
+    """Every keyword some scheduler takes: diffusers' scheduler classes and fewstep's."""
+    import diffusers
+
+    names: set[str] = set(LOADER_KEYWORDS)
+    classes = [getattr(diffusers, n, None) for n in dir(diffusers) if n.endswith("Scheduler")]
+    for c in classes + _fewstep_schedulers():
+        try:
+            names.update(inspect.signature(c.__init__).parameters)
+        except (TypeError, ValueError, ImportError):  # dummy objects of missing optional backends
+            continue
+    return frozenset(names)
+
+
+def _warn_unknown_keywords(cls, kwargs: dict) -> None:
+    """Warn about explicit ``from_config`` keywords that no scheduler takes (a typo: diffusers would drop
+    them silently, as it drops other schedulers' config keys), naming the closest keyword of ``cls``."""
+    own = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key, value in kwargs.items():
+        if key in own or key.startswith("_") or key in _scheduler_keywords():
+            continue
+        close = difflib.get_close_matches(key, own, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; {cls.__name__} takes: {', '.join(sorted(own))}"
+        warnings.warn(f"{cls.__name__}.from_config got {key}={value!r}, which no scheduler takes (ignored){hint}",
+                      UserWarning, stacklevel=3)
+
+
+def _fewstep_schedulers() -> list[type]:
+    """The loaded FewstepScheduler classes that fewstep ships (subclasses defined in ``fewstep.*``)."""
+    out, todo = [], list(FewstepScheduler.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("fewstep."):
+            out.append(cls)
+    return out
+
+
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
     """Base class of fewstep's diffusers-compatible schedulers (see the module docstring).
 
@@ -85,6 +130,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ``x = x0 + sigma eps`` that ``step`` receives and returns is unscaled.
     """
 
+    # every class a fewstep scheduler may come from; an instance's own list (``compatibles``) depends on
+    # its schedule kind (_setup)
     _compatibles = (
         [e.name for e in KarrasDiffusionSchedulers] + list(FLOW_SCHEDULER_CLASSES) + ["EDMDPMSolverMultistepScheduler"]
     )
@@ -125,158 +172,136 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(cfg.get("shift", 1.0)))
+        _warn_unknown_keywords(cls, kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _setup(self) -> None:
-        """Validate the config and build the noise schedule; called at the end of ``__init__``."""
+        """Map the values other diffusers schedulers write (UniPC's ``bh2``, DEIS' ``deis``; see
+        :data:`~fewstep.samplers.config.SWITCHED_VALUES`), validate the config and build the noise
+        schedule; called in ``__init__`` before the subclass reads its own keywords."""
+        mapped = switched_values(self.config)
+        if mapped:
+            self.register_to_config(**mapped)
         c = self.config
-        order = getattr(c, "solver_order", None)
-        if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
-            raise ValueError(f"solver_order={order!r} is not supported; allowed: 1, 2, 3")
-        if float(getattr(c, "karras_rho", 7.0)) <= 0:
-            raise ValueError(f"karras_rho must be > 0, got {c.karras_rho}")
-        check_power("timestep_power", getattr(c, "timestep_power", 2.0))
-        _check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
-        _check_choice("final_sigmas_type", c.final_sigmas_type, ("zero", "sigma_min"))
-        flags = [c.use_karras_sigmas, c.use_exponential_sigmas, c.use_lu_lambdas, getattr(c, "use_beta_sigmas", False)]
-        if sum(bool(f) for f in flags) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas and use_beta_sigmas are exclusive"
-            )
-        if getattr(c, "use_beta_sigmas", False):
-            raise ValueError("use_beta_sigmas is not supported by fewstep; use timestep_spacing='karras' or 'logsnr'")
-        _check_choice("timestep_spacing", c.timestep_spacing, GRID_KINDS)
-        if c.variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log"):
-            raise ValueError(f"variance_type={c.variance_type!r} is not supported")
-        kind = getattr(c, "schedule_kind", None)
-        _check_choice("schedule_kind", kind, (None,) + SCHEDULE_KINDS)
-        if getattr(c, "sigma_schedule", None) is not None:
-            _check_choice("sigma_schedule", c.sigma_schedule, EDM_SIGMA_SCHEDULES)
-        if getattr(c, "rho", None) is not None and not float(c.rho) > 0:
-            raise ValueError(f"rho must be > 0, got {c.rho}")
+        check_config(c)
         cfg = dict(c)
-        if c.use_flow_sigmas:
-            if kind not in (None, "flow"):
-                raise ValueError(f"use_flow_sigmas=True contradicts schedule_kind={kind!r}")
+        if c["use_flow_sigmas"]:
             cfg["schedule_kind"] = "flow"
         self.schedule = NoiseSchedule.from_config(cfg)
-        if self.schedule.kind == "flow" and c.prediction_type not in ("flow_prediction", "epsilon", "sample"):
-            raise ValueError(f"prediction_type={c.prediction_type!r} is not meaningful with flow sigmas")
-        if self.schedule.kind == "edm":
-            self._setup_edm()
-        if self.schedule.kind == "discrete":
-            self.alphas_cumprod = torch.tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
-        # EDM: x_T ~ N(0, sigma_max^2 I), Karras et al. 2022 Alg. 1-2 (diffusers: sqrt(sigma_max^2 + 1))
-        self.init_noise_sigma = 1.0 if self.schedule.kind != "edm" else float(self.schedule.sigma_max)
-        # default state before set_timesteps: every training timestep, like diffusers
-        if self.schedule.kind == "edm":  # diffusers: the sigma_schedule grid with num_train_timesteps points
-            grid = make_grid(self.schedule, self.schedule.num_train_timesteps, self.grid_spacing, rho=self._rho)
-        else:
-            t_all = np.arange(self.schedule.num_train_timesteps, dtype=np.float64)[::-1].copy()
-            if self.schedule.kind == "flow":
-                t_all = t_all + 1.0
-            grid = Grid(t_all, self.schedule.alpha(t_all), self.schedule.sigma(t_all))
-        self._install(grid, device=None)
+        self.schedule.check_prediction_type(c["prediction_type"])
+        resolved = self.schedule.scheduler_config(c, self._rho)
+        if resolved:  # so a saved config states them (from_config drops keys that were defaults)
+            self.register_to_config(**resolved)
+        self._set_training_tables()
+        self.init_noise_sigma = self.schedule.init_noise_sigma
+        self._compatibles = [c.__name__ for c in _fewstep_schedulers() if c.supports_schedule(self.schedule)]
+        self._compatibles += list(self.schedule.diffusers_schedulers)
+        # default state before set_timesteps: every training timestep, float32 like diffusers
+        self._install(self.schedule.training_grid(self.grid_spacing, self._rho), device=None)
+        self.timesteps = self.timesteps.to(torch.float32)
         self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._reset_outputs()
 
-    def _setup_edm(self) -> None:
-        """Validate the parts of the config an EDM schedule reads (Karras et al. 2022): the
-        prediction type names the sign of ``c_out`` (Table 1; see
-        :func:`fewstep.schedule.edm_preconditioning`), the grid is ``sigma_schedule`` (``karras``,
-        Eq. 5 with ``rho``, or ``exponential``, uniform in ``log sigma``)."""
-        c = self.config
-        if c.prediction_type not in EDM_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type={c.prediction_type!r} is not supported with an EDM schedule; allowed: "
-                "'epsilon' (EDM's F, Karras et al. 2022 Eq. 7), 'v_prediction'"
-            )
-        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"):
-            if getattr(c, flag, False):
-                raise ValueError(f"{flag}=True does not apply to an EDM schedule; choose the grid with sigma_schedule")
-        # store the resolved EDM values, so a saved config states them and diffusers' EDM
-        # schedulers can load it (from_config drops keys that were defaults in the source config)
-        self.register_to_config(
-            schedule_kind="edm",
-            sigma_min=self.schedule.sigma_min,
-            sigma_max=self.schedule.sigma_max,
-            sigma_data=self.schedule.sigma_data,
-            sigma_schedule=getattr(c, "sigma_schedule", None) or "karras",
-            rho=self._rho,
-        )
+    def _set_training_tables(self) -> None:
+        """diffusers' public float32 training tables of a discrete (DDPM) schedule, indexed by training
+        time: ``betas``, ``alphas = 1 - betas``, ``alphas_cumprod``, ``alpha_t = sqrt(alphas_cumprod)``,
+        ``sigma_t = sqrt(1 - alphas_cumprod)``, ``lambda_t = log(alpha_t) - log(sigma_t)``, bit-identical
+        to diffusers'. None on flow-matching and EDM schedules, which have no betas."""
+        tables = dict.fromkeys(("betas", "alphas", "alphas_cumprod", "alpha_t", "sigma_t", "lambda_t"))
+        if self.schedule.alphas_cumprod is not None:
+            tables.update(training_tables(self.config))
+            ac = tables["alphas_cumprod"]
+            tables["alpha_t"], tables["sigma_t"] = torch.sqrt(ac), torch.sqrt(1 - ac)
+            tables["lambda_t"] = torch.log(tables["alpha_t"]) - torch.log(tables["sigma_t"])
+        for name, value in tables.items():
+            setattr(self, name, value)
+
+    @classmethod
+    def supports_schedule(cls, schedule: NoiseSchedule) -> bool:
+        """Whether this class samples models of ``schedule``'s kind (EDM/VE needs the EDM keywords)."""
+        return schedule.sigma_data is None or "schedule_kind" in inspect.signature(cls.__init__).parameters
 
     @property
-    def _edm_sigma_data(self) -> float | None:
-        """``sigma_data`` of the EDM preconditioning, or None for VP and flow schedules."""
-        return self.schedule.sigma_data if self.schedule.kind == "edm" else None
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that read this scheduler's config as the same model (diffusers' and
+        fewstep's), for UIs that offer a switch: the DDPM-family schedulers for a discrete config, the
+        flow-sigma solvers for a flow-matching one, the EDM schedulers for an EDM one."""
+        import diffusers
+
+        own = {c.__name__: c for c in _fewstep_schedulers()}
+        return [own.get(n) or getattr(diffusers, n) for n in self._compatibles if n in own or hasattr(diffusers, n)]
 
     @property
     def _rho(self) -> float:
         """The Karras exponent: EDM's ``rho`` when set, else ``karras_rho``."""
-        rho = getattr(self.config, "rho", None)
-        return float(getattr(self.config, "karras_rho", 7.0) if rho is None else rho)
+        return karras_rho(self.config)
 
     @property
     def grid_spacing(self) -> str:
         """The effective step-grid kind after mapping diffusers' boolean flags onto it (EDM:
         ``sigma_schedule``, default ``karras`` as in diffusers)."""
-        c = self.config
-        if self.schedule.kind == "edm":
-            return getattr(c, "sigma_schedule", None) or "karras"
-        if c.use_karras_sigmas:
-            return "karras"
-        if c.use_lu_lambdas:
-            return "logsnr"
-        if c.use_exponential_sigmas:
-            return "exponential"
-        return c.timestep_spacing
+        return self.schedule.grid_spacing(self.config)
 
     # ---------------------------------------------------------------------- timesteps
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
+        mu: float | None = None,
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
-        mu: float | None = None,
     ) -> None:
-        """Set the sampling grid (call before sampling).
+        """Set the sampling grid (call before sampling). The positional order is diffusers'
+        ``DPMSolverMultistepScheduler.set_timesteps`` (``num_inference_steps, device, mu, timesteps``).
 
         Args:
             num_inference_steps: number of model evaluations (steps). Exactly one of this,
                 ``timesteps`` and ``sigmas`` must be given.
             device: where ``timesteps`` live.
+            mu: dynamic shift of flow models with ``use_dynamic_shifting`` (``flow_shift = exp(mu)``, as
+                diffusers); ignored without it, as FlowMatch schedulers ignore it.
             timesteps: explicit decreasing model times on the training scale (EDM: ``c_noise``
                 values, as in ``scheduler.timesteps``).
             sigmas: explicit decreasing public sigmas (``sigma/alpha`` for VP, flow sigma for flow
                 matching, ``sigma`` for EDM); a trailing ``0`` is taken as the final point.
-            mu: dynamic shift of flow models (``flow_shift = exp(mu)``, as diffusers).
         """
         given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas`")
-        if mu is not None:
-            if self.schedule.kind != "flow":
-                raise ValueError("`mu` (dynamic shifting) only applies to flow-matching schedules")
-            self.schedule.shift = float(math.exp(mu))
+        if device is not None:
+            try:
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError, TypeError, ValueError) as err:
+                raise ValueError(f"device={str(device)!r} is not available here ({err})") from None
         c = self.config
-        if timesteps is not None and self.schedule.kind == "edm":  # c_noise -> sigma
-            sigmas, timesteps = self.schedule.t_of_model_time(np.asarray(timesteps, dtype=np.float64)), None
+        # a flow config without dynamic shifting ignores mu, as FlowMatch schedulers do (Flux passes it always);
+        # other schedule kinds refuse it
+        if mu is not None and (c["use_dynamic_shifting"] or not self.schedule.dynamic_shift):
+            if c["time_shift_type"] != "exponential":
+                raise ValueError(f"time_shift_type={c['time_shift_type']!r} is not supported with `mu`; allowed: "
+                                 "'exponential' (shift = exp(mu), as diffusers' DPM-Solver)")
+            self.schedule.set_dynamic_shift(mu)
+        explicit = {"sigmas": sigmas} if sigmas is not None else {}
+        if timesteps is not None:  # model times (EDM: c_noise values)
+            explicit = self.schedule.grid_request(timesteps)
         grid = make_grid(
             self.schedule,
             num_inference_steps,
             self.grid_spacing,
-            steps_offset=int(getattr(c, "steps_offset", 0) or 0),
+            steps_offset=int(c["steps_offset"] or 0),
             rho=self._rho,
-            final_sigma=c.final_sigmas_type,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            round_timesteps=bool(getattr(c, "round_timesteps", True)) and self.schedule.kind == "discrete",
-            power=float(getattr(c, "timestep_power", 2.0)),
+            final_sigma=c["final_sigmas_type"],
+            round_timesteps=self._rounds_timesteps,
+            power=float(c["timestep_power"]),
+            **explicit,
         )
         grid = self._plan(grid, num_inference_steps)
         self._install(grid, device)
         self._step_index = None
         self._begin_index = None
+        self._reset_outputs()
         self._reset_history()
 
     def _install(self, grid: Grid, device) -> None:
@@ -285,19 +310,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._sigmas = np.asarray(grid.sigmas, dtype=np.float64)
         with np.errstate(divide="ignore"):
             self._lambdas = np.log(self._alphas) - np.log(self._sigmas)
-        kind = self.schedule.kind
-        if kind == "discrete" and bool(getattr(self.config, "round_timesteps", True)):
-            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.int64)
-            public = self._sigmas / self._alphas
-        elif kind == "discrete":
-            self.timesteps = torch.from_numpy(np.asarray(grid.timesteps)).to(device=device, dtype=torch.float32)
-            public = self._sigmas / self._alphas
-        else:
-            model_t = self.schedule.model_time(np.asarray(grid.timesteps, dtype=np.float64))
-            self.timesteps = torch.from_numpy(np.asarray(model_t)).to(device=device, dtype=torch.float32)
-            public = self._sigmas if kind == "flow" else self._sigmas / self._alphas
-        self.sigmas = torch.from_numpy(public.astype(np.float32))
+        model_t = self.schedule.model_time(np.asarray(grid.timesteps, dtype=np.float64))
+        dtype = torch.int64 if self._rounds_timesteps else torch.float32
+        self.timesteps = torch.from_numpy(np.asarray(model_t)).to(device=device, dtype=dtype)
+        self.sigmas = torch.from_numpy(self.schedule.public_sigmas(self._alphas, self._sigmas).astype(np.float32))
         self.num_inference_steps = len(grid.timesteps)
+
+    @property
+    def _rounds_timesteps(self) -> bool:
+        """Model times are rounded to integers (diffusers' discrete schedulers; ``round_timesteps``)."""
+        return self.schedule.integer_times and bool(self.config["round_timesteps"])
 
     def _plan(self, grid: Grid, num_inference_steps: int | None) -> Grid:
         """Hook: turn the step grid into the list of evaluation points (default: unchanged)."""
@@ -305,6 +327,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _reset_history(self) -> None:
         """Hook: forget all per-generation state (called by ``set_timesteps``)."""
+
+    def _reset_outputs(self) -> None:
+        """diffusers' history of data predictions: ``model_outputs`` (``solver_order`` entries, newest
+        last, ``None`` until filled) and ``lower_order_nums`` (steps taken, up to ``solver_order``)."""
+        self.model_outputs: list[torch.Tensor | None] = [None] * int(config_value(self.config, "solver_order"))
+        self.lower_order_nums = 0
 
     # ---------------------------------------------------------------------- index bookkeeping
     @property
@@ -357,16 +385,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ``timestep`` (a ``c_noise`` value of ``timesteps``) when none is set yet. Keeps
         ``sample``'s dtype.
         """
-        if self.schedule.kind != "edm":
+        if self.schedule.sigma_data is None:  # not a preconditioned (EDM) network
             return sample
         if self._step_index is None and self._begin_index is None and timestep is not None:
             self._init_step_index(timestep)
         i = self._current_index()
-        c_in = edm_preconditioning(self._sigmas[i] / self._alphas[i], self.schedule.sigma_data)[2]
-        return sample * float(c_in)
+        return sample * self.schedule.c_in(self._alphas[i], self._sigmas[i])
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.config["num_train_timesteps"]
 
     def alpha_sigma(self, index: int | None = None) -> tuple[float, float]:
         """``(alpha, sigma)`` of grid point ``index`` (default: the current step) as floats."""
@@ -450,29 +477,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if i >= len(self.timesteps):
             raise ValueError(f"step called {i + 1} times but the grid has {len(self.timesteps)} steps")
         c = self.config
-        out = model_output
-        if c.variance_type in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
-            out = out[:, : sample.shape[1]]
-        if out.shape != sample.shape:
-            raise ValueError(
-                f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
-                f"at step {i}"
-            )
-        if getattr(c, "check_finite", True) and not bool(torch.isfinite(out).all()):
+        out = self._mean_output(model_output, sample, i)
+        if c["check_finite"] and not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"model output at step {i} (timestep {float(self.timesteps[i])}) contains NaN or inf"
             )
         work = torch.promote_types(sample.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
         x = sample.to(work)
-        out32 = out.to(work)
-        a_s, s_s = self._alphas[i], self._sigmas[i]
-        x0, eps = to_x0_eps(out32, x, a_s, s_s, c.prediction_type, sigma_data=self._edm_sigma_data)
-        if c.thresholding:
-            x0 = threshold_x0(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        x0 = self._data_prediction(out.to(work), x, i)
         if renoise_eps is not None:
             if not getattr(self, "supports_renoise", False):
                 raise ValueError(f"{type(self).__name__} does not support the CFG++ renoise protocol")
-            x = a_s * x0 + s_s * renoise_eps.to(work)
+            x = self._alphas[i] * x0 + self._sigmas[i] * renoise_eps.to(work)
         noise = None
         if self._needs_noise():
             if variance_noise is not None:
@@ -481,12 +497,55 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 from diffusers.utils.torch_utils import randn_tensor
 
                 noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=torch.float32).to(work)
+        for j in range(len(self.model_outputs) - 1):  # diffusers' history, newest last
+            self.model_outputs[j] = self.model_outputs[j + 1]
+        self.model_outputs[-1] = x0
         prev = self._update(i, x, x0, noise)
+        if self.lower_order_nums < len(self.model_outputs):
+            self.lower_order_nums += 1
         self._step_index = i + 1
         prev = prev.to(model_output.dtype)
         if not return_dict:
-            return (prev, x0)
+            return (prev,)  # as diffusers; x0 is the output object's pred_original_sample
         return FewstepSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _mean_output(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        """``model_output`` without the variance channels of ``learned``/``learned_range`` models,
+        checked against ``sample``'s shape."""
+        out = model_output
+        if self.config["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * sample.shape[1]:
+            out = out[:, : sample.shape[1]]
+        if out.shape != sample.shape:
+            raise ValueError(
+                f"model_output shape {tuple(out.shape)} does not match sample shape {tuple(sample.shape)} "
+                f"at step {i}"
+            )
+        return out
+
+    def _data_prediction(self, out: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The data prediction ``x0`` of the raw output ``out`` at grid point ``i`` (thresholded when
+        configured), in the dtype of ``x``."""
+        c = self.config
+        x0, _ = to_x0_eps(out, x, self._alphas[i], self._sigmas[i], c["prediction_type"],
+                          sigma_data=self.schedule.sigma_data)
+        if c["thresholding"]:
+            x0 = threshold_x0(x0, c["dynamic_thresholding_ratio"], c["sample_max_value"])
+        return x0
+
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None,
+                             **kwargs) -> torch.Tensor:
+        """diffusers' ``convert_model_output`` for DPM-Solver++: the data prediction ``x0`` of
+        ``model_output`` at the current step (``step_index``; before the first step the begin index or
+        0), thresholded when configured, in ``model_output``'s dtype. A positional timestep is accepted
+        and ignored, as diffusers does."""
+        if sample is None:
+            if len(args) < 2:
+                raise ValueError("convert_model_output needs `sample` (the current x_t)")
+            sample = args[1]
+        i = self._current_index()
+        work = torch.promote_types(sample.dtype, torch.float32)
+        out = self._mean_output(model_output, sample, i).to(work)
+        return self._data_prediction(out, sample.to(work), i).to(model_output.dtype)
 
     def _needs_noise(self) -> bool:
         return False
@@ -494,6 +553,3 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Move ``x`` from grid point ``i`` to ``i + 1`` given the data prediction ``x0`` at ``i``."""
         raise NotImplementedError
-
-    def _describe(self) -> dict[str, Any]:  # pragma: no cover - debugging aid
-        return {"timesteps": self.timesteps.tolist(), "sigmas": self.sigmas.tolist()}
