@@ -222,6 +222,34 @@ def summarize(rows: dict, nfes, ems_tags) -> dict:
     return s
 
 
+def plot(result: dict, path: Path) -> None:
+    """Error vs NFE per mixture: v3's default (EMS), the same without EMS, the best diffusers row per NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = list(result["mixtures"])
+    nfe = result["nfe"]
+    cols = min(4, len(mixes))
+    fig, axes = plt.subplots(math.ceil(len(mixes) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(mixes) / cols)),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, mixes):
+        rec = result["mixtures"][m]
+        for key, label in (("v3 default", "v3 default (EMS)"), ("v3 default degenerated", "v3 default, no EMS")):
+            if key in rec["rows"]:
+                ax.plot(nfe, rec["rows"][key]["err"], "o-", label=label)
+        ax.plot(nfe, rec["summary"]["best diffusers"], "s--", label="best diffusers (per NFE)")
+        ax.set(xscale="log", yscale="log", title=f"{m}", xlabel="NFE", ylabel="relative RMSE")
+        ax.set_xticks(nfe, [str(n) for n in nfe])
+    for ax in list(axes.flat)[len(mixes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fmt_row(name, vals, w, f="{:.4f}"):
     return f"| {name:<{w}} | " + " | ".join(f.format(v) for v in vals) + " |"
 
@@ -300,7 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = out_path.with_name(out_path.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
         tmp.replace(out_path)
-    print(f"wrote {out_path}")
+    if result["mixtures"]:
+        plot(result, out_path.with_suffix(".png"))
+    print(f"wrote {out_path} and {out_path.with_suffix('.png')}")
     return result
 
 

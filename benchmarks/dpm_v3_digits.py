@@ -434,6 +434,13 @@ def summarize(entry: dict, nfes: list[int]) -> None:
         if f"{V3_TUNED} no-EMS" in rows:
             s["ratio v3 tuned / same without EMS (rmse)"] = [
                 r[i] / rows[f"{V3_TUNED} no-EMS"]["rmse"][i] for i in range(len(nfes))]
+    if "v3 default" in rows:  # what from_config(config, ems=...) gives (docs/dpm-v3.md)
+        d = rows["v3 default"]["rmse"]
+        s["ratio v3 default / best diffusers (rmse)"] = [d[i] / bd[i] for i in range(len(nfes))]
+    # issue 10: what the EMS contribute, each v3 row against the same solver and grid without EMS
+    s["EMS gain: v3 / same without EMS (rmse)"] = {
+        k: [rows[k]["rmse"][i] / rows[f"{k} no-EMS"]["rmse"][i] for i in range(len(nfes))]
+        for k in rows if f"{k} no-EMS" in rows}
     entry["summary"] = s
 
 
@@ -464,6 +471,11 @@ def print_tables(w: float, entry: dict, nfes: list[int], n: int) -> None:
             for k in s:
                 if k.startswith("ratio v3 tuned"):
                     print(f"| {k[len('ratio '):-len(' (rmse)')]} | " + " | ".join(f"{v:.3f}" for v in s[k]) + " |")
+            if "ratio v3 default / best diffusers (rmse)" in s:
+                print("| v3 default / best diffusers | "
+                      + " | ".join(f"{v:.3f}" for v in s["ratio v3 default / best diffusers (rmse)"]) + " |")
+            for k, v in s.get("EMS gain: v3 / same without EMS (rmse)", {}).items():
+                print(f"| {k} / {k} no-EMS | " + " | ".join(f"{x:.3f}" for x in v) + " |")
             print("| best v3 / best diffusers | "
                   + " | ".join(f"{v:.3f}" for v in s["ratio best v3 / best diffusers (rmse)"]) + " |")
     print()

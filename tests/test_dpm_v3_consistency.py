@@ -171,3 +171,38 @@ def test_v3_with_estimated_ems_keeps_converging(cfg):
                 deg = err(n, degenerated=True)
                 assert errs[n] <= 1.25 * deg, (order, n, errs[n], deg)
         assert errs[80] < errs[40] / 2, (order, errs)
+
+
+def test_from_another_schedulers_config_uses_v3_defaults():
+    """``from_config(pipe.scheduler.config, ems=...)`` takes the noise schedule and prediction type
+    from the pipeline's config but v3's own grid, order and corrector (docs/dpm-v3.md, "Defaults"):
+    SD's config says ``leading`` / ``steps_offset=1`` (PNDM) and a DPM++ config ``solver_order=2``,
+    Karras; v3 ignores both unless they are passed. A v3 config keeps its keys; flow schedules get
+    ``logsnr`` (the time_power grids are discrete-VP only)."""
+    from fewstep.schedule import NoiseSchedule, make_grid
+
+    pndm = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "timestep_spacing": "leading", "steps_offset": 1, "prediction_type": "epsilon"}
+    dpmpp = {**pndm, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 2, "use_karras_sigmas": True}
+    lam, ts = lambda_grid(NoiseSchedule.from_config(pndm), 50)
+    ems = EMS(lam, ts, np.ones((51, 4)), np.zeros((51, 4)), np.zeros((51, 4)))
+    for cfg in (pndm, dpmpp):
+        s = DPMSolverV3Scheduler.from_config(cfg, ems=ems)
+        c = s.config
+        assert (c.timestep_spacing, c.timestep_power, c.solver_order, c.use_corrector) == ("time_power_zero", 1.5, 3,
+                                                                                           True)
+        assert not c.use_karras_sigmas and c.steps_offset == 0 and c.beta_schedule == "scaled_linear"
+        s.set_timesteps(6)
+        want = make_grid(NoiseSchedule.from_config(pndm), 6, "time_power_zero", power=1.5, round_timesteps=False)
+        # EMS snapping moves a point by at most half an EMS cell in lambda
+        cell = float(lam[1] - lam[0])
+        assert np.max(np.abs(s._lambdas[:-1] - want.lambdas[:-1])) <= cell / 2 + 1e-9
+        assert float(s.timesteps[0]) == pytest.approx(999, abs=1) and s._sigmas[-1] == 0
+    explicit = DPMSolverV3Scheduler.from_config(dpmpp, ems=ems, solver_order=2, timestep_spacing="logsnr")
+    assert (explicit.config.solver_order, explicit.config.timestep_spacing) == (2, "logsnr")
+    again = DPMSolverV3Scheduler.from_config(explicit.config, ems=ems)  # a v3 config keeps its keys
+    assert (again.config.solver_order, again.config.timestep_spacing) == (2, "logsnr")
+    with pytest.warns(UserWarning, match="no EMS"):
+        flow = DPMSolverV3Scheduler.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                 "use_flow_sigmas": True, "prediction_type": "flow_prediction"})
+    assert flow.config.timestep_spacing == "logsnr"

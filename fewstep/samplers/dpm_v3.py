@@ -25,7 +25,7 @@ HALF_REGIONS = ("noisy", "clean")
 # defaults measured on exact Gaussian mixtures and the digits teacher (docs/dpm-v3.md,
 # benchmarks/dpm_v3_consistency.py): a time grid with both ends evaluated, bent towards the data
 DEFAULT_GRID = "time_power_zero"  # discrete VP schedules
-DEFAULT_GRID_FLOW = "logsnr"  # flow-matching schedules (the time_power grids are VP-only)
+DEFAULT_GRID_OTHER = "logsnr"  # flow-matching schedules (the time_power grids are discrete-VP only)
 DEFAULT_POWER = 1.5
 DEFAULT_ORDER = 3
 # keys of another scheduler's config that state *its* solver and step grid: from_config leaves them
@@ -115,8 +115,8 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         if self._round_auto:
             self.register_to_config(round_timesteps=True)
         if timestep_spacing is None:  # v3's default grid for this kind of schedule
-            flow = use_flow_sigmas or NoiseSchedule.from_config(dict(self.config)).kind == "flow"
-            self.register_to_config(timestep_spacing=DEFAULT_GRID_FLOW if flow else DEFAULT_GRID)
+            vp = not use_flow_sigmas and NoiseSchedule.from_config(dict(self.config)).kind == "discrete"
+            self.register_to_config(timestep_spacing=DEFAULT_GRID if vp else DEFAULT_GRID_OTHER)
         self._setup()
         if ems is None and ems_file is not None and not degenerated:
             ems = ems_file
