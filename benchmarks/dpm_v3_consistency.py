@@ -11,7 +11,8 @@ noise level, where the convergence order is visible because no solver makes the 
 
 EMS: :func:`fewstep.samplers.compute_ems` on ``K`` exact mixture samples with ``N`` lambda intervals
 (``--ems N:K`` pairs, cached under ``out/dpm_v3_ems/``); ``--exact-ems`` adds EMS from the closed-form
-Jacobian (:func:`fewstep.testing.mixture_ems`, 8192 samples, N = 400) as the "best possible" row.
+Jacobian (:func:`fewstep.testing.mixture_ems`, ``--exact-size N:K``, default N = 400, K = 8192) as the
+"best possible" row (no Hutchinson probes, no finite differences).
 
 Rows: v3 with each EMS set (order 2/3, corrector on/off, grids: the config's own, ``logsnr``,
 ``linspace``, ``karras``, ``time_power``), v3 ``degenerated=True`` on the same grids, and diffusers
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mixtures", nargs="+", default=list(MIXTURES), choices=list(MIXTURES))
     ap.add_argument("--ems", nargs="+", default=["200:2048"], help="N:K pairs for compute_ems")
     ap.add_argument("--exact-ems", action="store_true", help="add EMS from the closed-form Jacobian")
+    ap.add_argument("--exact-size", default="400:8192", help="N:K of the --exact-ems set")
     ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     ap.add_argument("--batch", type=int, default=2048, help="samples per mixture")
     ap.add_argument("--final", choices=("zero", "sigma_min"), default="zero")
@@ -288,8 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
             ems_sets[f"N{n_grid}K{k}"], ems_secs[f"N{n_grid}K{k}"] = get_ems(
                 mname, model, mix, config, n_grid, k, cache=args.cache)
         if args.exact_ems:
+            n_ex, k_ex = (int(v) for v in args.exact_size.split(":"))
             ems_sets["exact"], ems_secs["exact"] = get_ems(
-                mname, model, mix, config, 400, 8192, exact=True, cache=args.cache)
+                mname, model, mix, config, n_ex, k_ex, exact=True, cache=args.cache)
         rows_def = make_rows(config, ems_sets, args.v3_grids, tuple(args.orders))
         if args.rows:
             rows_def = {k: v for k, v in rows_def.items() if any(s in k for s in args.rows)}
