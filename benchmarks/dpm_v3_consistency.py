@@ -81,13 +81,15 @@ def mixture_setup(name: str, batch: int, final: str):
 
 
 def get_ems(name: str, model, mix, config, num_grid: int, k: int, exact: bool = False, cache: Path = CACHE,
-            log=print):
+            log=print, window: int | None = None):
     """EMS of a mixture from compute_ems (or testing.mixture_ems when ``exact``), cached on disk;
-    returns ``(ems, seconds)`` (the compute time, also when read from the cache)."""
+    returns ``(ems, seconds)`` (the compute time, also when read from the cache). ``window``: the
+    ``smoothing_window`` of ``dl/dlambda`` (None: 5, the setting the cached sets without a ``_w`` tag
+    were computed with)."""
     from fewstep.samplers import EMS, compute_ems
     from fewstep.testing import mixture_ems
 
-    tag = f"{name}_{'exact' if exact else 'est'}_N{num_grid}_K{k}"
+    tag = f"{name}_{'exact' if exact else 'est'}_N{num_grid}_K{k}" + ("" if window is None else f"_w{window}")
     path = Path(cache) / f"{tag}.safetensors"
     if path.exists():
         ems = EMS.load(path)
@@ -98,7 +100,8 @@ def get_ems(name: str, model, mix, config, num_grid: int, k: int, exact: bool = 
         ems.metadata["seconds"] = round(time.perf_counter() - t0, 2)
     else:
         x0 = mix.sample(k, generator=torch.Generator().manual_seed(77))
-        ems = compute_ems(model, config, x0, num_grid=num_grid, batch_size=256, progress=False, model_id=tag)
+        ems = compute_ems(model, config, x0, num_grid=num_grid, batch_size=256, progress=False, model_id=tag,
+                          smoothing_window=5 if window is None else window)
     secs = time.perf_counter() - t0
     log(f"  EMS {tag}: {secs:.1f} s")
     ems.save(path)
@@ -258,7 +261,8 @@ def fmt_row(name, vals, w, f="{:.4f}"):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mixtures", nargs="+", default=list(MIXTURES), choices=list(MIXTURES))
-    ap.add_argument("--ems", nargs="+", default=["200:2048"], help="N:K pairs for compute_ems")
+    ap.add_argument("--ems", nargs="+", default=["200:2048"],
+                    help="N:K or N:K:W for compute_ems (W = smoothing_window; without it 5, as the cached sets)")
     ap.add_argument("--exact-ems", action="store_true", help="add EMS from the closed-form Jacobian")
     ap.add_argument("--exact-size", default="400:8192", help="N:K of the --exact-ems set")
     ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
@@ -285,10 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
         config, mix, model, noise, ref, s_end = mixture_setup(mname, args.batch, args.final)
         print(f"\n=== {mname}: {config['beta_schedule']}, dim {mix.dim}, final {args.final} ===", flush=True)
         ems_sets, ems_secs = {}, {}
-        for pair in args.ems:
-            n_grid, k = (int(v) for v in pair.split(":"))
-            ems_sets[f"N{n_grid}K{k}"], ems_secs[f"N{n_grid}K{k}"] = get_ems(
-                mname, model, mix, config, n_grid, k, cache=args.cache)
+        for spec in args.ems:
+            n_grid, k, *win = (int(v) for v in spec.split(":"))
+            key = f"N{n_grid}K{k}" + (f"W{win[0]}" if win else "")
+            ems_sets[key], ems_secs[key] = get_ems(mname, model, mix, config, n_grid, k, cache=args.cache,
+                                                   window=win[0] if win else None)
         if args.exact_ems:
             n_ex, k_ex = (int(v) for v in args.exact_size.split(":"))
             ems_sets["exact"], ems_secs["exact"] = get_ems(
