@@ -44,3 +44,27 @@ def moved_names(old_module: str, moves: dict[str, str],
         return getattr(importlib.import_module(module), attr)
 
     return __getattr__
+
+
+def load_callable(spec: str, what: str = "module:callable") -> Callable:
+    """``"package.module:name"`` -> the callable it names. Errors say which part is wrong: a module
+    that is not importable (``ModuleNotFoundError`` inside it is re-raised as is when the module
+    exists but imports something missing), an attribute the module lacks, or a non-callable."""
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name != err.name and not module_name.startswith(err.name + "."):
+            raise  # the module exists but one of its own imports is missing: show that
+        raise ValueError(f"{what} {spec!r}: no module named {module_name!r} (is it installed, or on PYTHONPATH?)") \
+            from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{what} {spec!r}: {attr!r} is not callable")
+    return target

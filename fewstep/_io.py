@@ -18,7 +18,12 @@ API::
         np.savez(tmp, ...)                    # safetensors' save_file, PIL Image.save)
     with atomic_open(path, "w") as f:         # for writers that take a file object
         f.write(...)
+    with atomic_paths(a, b, c) as (ta, tb, tc):   # several files as one unit: all complete, then renamed
+        ...
     check_writable(path, what="--out")        # before the work: the folder exists and takes files
+    check_output_dir(folder, what="--out")    # create the folder if needed, then check it takes files
+    read_json(path, what="--config")          # a broken file -> ValueError naming it and line:column
+    read_checkpoint(path, load)               # a corrupt checkpoint -> ValueError saying which file to delete
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_path", "atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "check_writable"]
+__all__ = ["atomic_path", "atomic_paths", "atomic_open", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "check_writable", "check_output_dir", "read_text", "read_json", "read_checkpoint"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -84,6 +89,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
+    """Several files written as one unit (weights with their config and record): yield one
+    temporary path per target; only when the block completed for all of them are they renamed onto
+    their targets, in the order given (put the file that marks the set complete last). On any
+    exception every temporary file is removed and no target is touched."""
+    with contextlib.ExitStack() as stack:
+        tmps = tuple(stack.enter_context(_deferred(Path(p))) for p in paths)
+        yield tmps
+        # all written: flush each to disk before the first rename, so the renames follow one another
+        for tmp in tmps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, target in zip(tmps, paths):
+            os.replace(tmp, target)
+        for folder in {Path(p).parent for p in paths}:
+            _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _deferred(target: Path) -> Iterator[Path]:
+    """A temporary file next to ``target`` that is removed when the block exits, unless it was
+    renamed away (by :func:`atomic_paths`)."""
+    tmp = _new_temp(target)
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -142,3 +178,67 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
                          "choose another location") from err
     tmp.unlink()
     return p
+
+
+def check_output_dir(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> Path:
+    """Check, before any long work, that files can be written into ``folder``; ``ValueError``
+    naming ``what`` and the folder otherwise. ``create``: make the folder (with its parents) now;
+    without it nothing is created: the nearest existing ancestor must be a folder that takes new
+    entries (make the folder later, when the results are there). Returns ``Path(folder)``."""
+    p = Path(folder)
+    if not create:
+        ancestor = p
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if ancestor.exists() and not ancestor.is_dir():
+            raise ValueError(f"{what}: cannot create the folder {str(p)!r}: {str(ancestor)!r} is a file")
+        check_writable(ancestor / "probe", what)
+        return p
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{what}: cannot create the folder {str(p)!r}: a file of that name exists") from None
+    except OSError as err:
+        raise ValueError(f"{what}: cannot create the folder {str(p)!r} ({err.strerror or err}); "
+                         "choose another location") from err
+    check_writable(p / "probe", what)
+    return p
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """The UTF-8 text of the file at ``path``: ``FileNotFoundError`` when it is missing,
+    ``ValueError`` when it is not UTF-8 text, both naming ``what`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: {str(p)!r} does not exist")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: {str(p)!r} is not a UTF-8 text file ({err})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse the JSON file at ``path``. A missing file is a ``FileNotFoundError``, a broken one a
+    ``ValueError`` naming ``what``, the file and the line:column of the error."""
+    p = Path(path)
+    text = read_text(p, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: {p}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+
+
+def read_checkpoint(path: str | os.PathLike, load) -> Any:
+    """``load(path)`` for a resume checkpoint; a file that cannot be read (truncated, corrupt, not
+    a checkpoint) is a ``ValueError`` that names it and says to delete it (the run then starts
+    over) instead of the reader's raw error."""
+    try:
+        return load(path)
+    except (OSError, MemoryError) as err:
+        if isinstance(err, (FileNotFoundError, PermissionError)):
+            raise
+        problem = err
+    except Exception as err:  # noqa: BLE001 - pickle/zip/torch raise many kinds for a damaged file
+        problem = err
+    raise ValueError(f"checkpoint {str(path)!r} is unreadable (corrupt or truncated: {type(problem).__name__}: "
+                     f"{problem}); delete it (rm {path}) and rerun to start over") from problem

@@ -13,6 +13,7 @@ torch and tqdm are imported when :func:`sample` runs, not with the module: ``imp
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -54,10 +55,12 @@ def sample(
         noise: starting Gaussian noise (B, ...).
         scheduler: any diffusers-style scheduler.
         num_inference_steps: number of steps (or give ``timesteps``/``sigmas``).
-        guidance: ``None`` (conditional model only), a number ``w`` (shorthand for
+        guidance: ``None`` (conditional model only), a finite number ``w`` (shorthand for
             :class:`fewstep.guidance.CFG` ``(w)``: ``uncond + w (cond - uncond)``, diffusers'
-            ``guidance_scale`` convention; ``w = 1`` skips the unconditional pass), or a
-            :class:`fewstep.guidance.Guidance` object. Both branches of a step run in one batched
+            ``guidance_scale`` convention; ``w = 1`` skips the unconditional pass), a spec string
+            as ``fewstep sample --guidance`` takes (``"cfg:2"``, ``"apg:scale=3,eta=0"``, see
+            :func:`fewstep.guidance.spec.parse_guidance`), or a :class:`fewstep.guidance.Guidance`
+            object. Both branches of a step run in one batched
             call when the model offers ``evaluate_pair`` (see :meth:`fewstep.guidance.Guidance.predict`).
         cond, uncond: conditions of the two branches.
         generator: RNG passed to ``scheduler.step`` (SDE solvers).
@@ -68,18 +71,24 @@ def sample(
     Returns:
         ``(x, nfe)``: the final sample and the number of model evaluations, where one evaluation
         is one network pass of one branch over the batch (CFG at 20 steps costs 40).
+
+    Raises:
+        ValueError: non-finite values in ``noise`` (the input's fault, reported before the model
+            runs), a non-finite guidance scale, a bad guidance spec string.
+        FloatingPointError: NaN/inf in the (guided) model output or in the sample after a step,
+            naming which, the step and the timestep; checked here for every scheduler, whatever
+            the scheduler's own ``check_finite`` says.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from .guidance.methods import CFG
-
     if not isinstance(noise, torch.Tensor):
         raise TypeError("noise must be a torch.Tensor")
-    if isinstance(guidance, bool) or not (guidance is None or isinstance(guidance, numbers.Real)
-                                          or hasattr(guidance, "predict")):
-        raise TypeError(f"guidance must be None, a number or a Guidance object, got {guidance!r}")
-    guide = CFG(float(guidance)) if isinstance(guidance, numbers.Real) else guidance
+    bad = _count_non_finite(noise)
+    if bad:
+        raise ValueError(f"noise (the starting sample) contains {bad} NaN/inf value(s) of {noise.numel()}; "
+                         "the input is broken, not the model: draw it again (e.g. torch.randn)")
+    guide = _guidance_object(guidance)
     kwargs = {}
     if timesteps is not None:
         kwargs["timesteps"] = timesteps
@@ -105,8 +114,49 @@ def sample(
         else:
             out = model(x_in, t, cond)
             nfe += 1
+        _check_finite(out, "model output" + (" (after guidance)" if guide is not None else ""), i, t)
         step_extra = extra if renoise is None else {**extra, "renoise_eps": renoise}
         x = scheduler.step(out, t, x, return_dict=False, **step_extra)[0]
+        _check_finite(x, f"sample returned by {type(scheduler).__name__}.step", i, t)
         if callback is not None:
             callback(i, t, x)
     return x, nfe
+
+
+def _guidance_object(guidance):
+    """``guidance`` as accepted by :func:`sample` -> ``None`` or an object with ``predict``."""
+    from .guidance.methods import CFG
+
+    if guidance is None or hasattr(guidance, "predict"):
+        return guidance
+    if isinstance(guidance, str):
+        from .guidance.spec import parse_guidance
+
+        return parse_guidance(guidance, name="guidance").build()
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise TypeError(f"guidance must be None, a number, a spec string such as 'cfg:2' or a Guidance object, "
+                        f"got {guidance!r}")
+    if not math.isfinite(float(guidance)):
+        raise ValueError(f"guidance scale must be a finite number, got {guidance!r}")
+    return CFG(float(guidance))
+
+
+def _count_non_finite(x: torch.Tensor) -> int:
+    import torch
+
+    if not (x.is_floating_point() or x.is_complex()):
+        return 0
+    return int((~torch.isfinite(x)).sum())
+
+
+def _check_finite(x, what: str, i: int, t) -> None:
+    """``FloatingPointError`` naming ``what``, the step and the timestep when ``x`` has NaN/inf."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or bool(torch.isfinite(x).all()):  # one reduction on the fast path
+        return
+    bad = _count_non_finite(x)
+    if bad:
+        nan = int(torch.isnan(x).sum())
+        raise FloatingPointError(f"{what} at step {i} (timestep {float(t):g}) has {bad} non-finite value(s) of "
+                                 f"{x.numel()} ({nan} NaN, {bad - nan} inf)")

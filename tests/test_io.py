@@ -127,3 +127,85 @@ def test_a_writer_that_appends_a_suffix_is_caught(tmp_path):
         np.savez(f, mu=np.zeros(2))
     with np.load(out) as z:
         assert z["mu"].shape == (2,)
+
+
+def test_atomic_paths_all_or_nothing(tmp_path):
+    """Several files as one unit: a failure while writing the last leaves every target as it was
+    and no temporary file; success renames all."""
+    from fewstep._io import atomic_paths
+
+    a, b = tmp_path / "w.bin", tmp_path / "w.json"
+    a.write_bytes(b"old weights")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_paths(a, b) as (ta, tb):
+            ta.write_bytes(b"new weights")
+            tb.write_text("{ partial")
+            raise KeyboardInterrupt
+    assert _leftovers(tmp_path) == ["w.bin"] and a.read_bytes() == b"old weights"
+    with atomic_paths(a, b) as (ta, tb):
+        ta.write_bytes(b"new weights")
+        tb.write_text("{}")
+    assert _leftovers(tmp_path) == ["w.bin", "w.json"] and a.read_bytes() == b"new weights"
+
+
+def test_read_json_and_check_output_dir(tmp_path):
+    from fewstep._io import check_output_dir, read_json
+
+    f = tmp_path / "c.json"
+    f.write_text('{\n  "a": 1,\n  "b": }\n')
+    with pytest.raises(ValueError, match=rf"--config: {f}:3:8: invalid JSON: Expecting value"):
+        read_json(f, "--config")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_json(tmp_path / "missing.json")
+    f.write_text('{"a": [1, 2]}')
+    assert read_json(f) == {"a": [1, 2]}
+    assert check_output_dir(tmp_path / "x" / "y", "--out").is_dir()
+    with pytest.raises(ValueError, match="--out: cannot create the folder .*: a file of that name exists"):
+        check_output_dir(f, "--out")
+    with pytest.raises(ValueError, match="--out: cannot create the folder"):
+        check_output_dir(f / "sub", "--out")
+
+
+def test_read_checkpoint_names_the_file(tmp_path):
+    import pickle
+
+    from fewstep._io import read_checkpoint
+
+    f = tmp_path / "ck.pkl"
+    f.write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(ValueError, match=rf"checkpoint '{f}' is unreadable .*rm {f}"):
+        read_checkpoint(f, lambda p: pickle.loads(p.read_bytes()))
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "none", lambda p: open(p, "rb"))
+
+
+def test_load_callable_says_which_part_is_missing(tmp_path, monkeypatch):
+    from fewstep._imports import load_callable
+
+    assert load_callable("json:dumps") is json.dumps
+    assert load_callable("os.path:join") is os.path.join
+    with pytest.raises(ValueError, match="no module named 'no_such_mod_q'"):
+        load_callable("no_such_mod_q:f")
+    with pytest.raises(ValueError, match="module 'json' has no attribute 'dumpz'"):
+        load_callable("json:dumpz")
+    with pytest.raises(ValueError, match="'__doc__' is not callable"):
+        load_callable("json:__doc__")
+    with pytest.raises(ValueError, match="must look like package.module:function"):
+        load_callable("json")
+    # a module that exists but imports something missing: that import error is shown, not "no module"
+    (tmp_path / "broken_mod_q.py").write_text("import missing_dependency_q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="missing_dependency_q"):
+        load_callable("broken_mod_q:f")
+
+
+def test_check_output_dir_without_creating(tmp_path):
+    from fewstep._io import check_output_dir
+
+    target = tmp_path / "a" / "b"
+    assert check_output_dir(target, "--out", create=False) == target and not (tmp_path / "a").exists()
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"--out: cannot create the folder .*'.*/f' is a file"):
+        check_output_dir(blocker / "x" / "y", "--out", create=False)
+    assert _leftovers(tmp_path) == ["f"]

@@ -20,6 +20,8 @@ SUBCOMMAND_MODULES = (
     "fewstep.apps.cmd_ems",
     "fewstep.apps.cmd_teacher",
     "fewstep.apps.cmd_guidance",
+    "fewstep.apps.cmd_distill",
+    "fewstep.apps.cmd_lcsc",
 )
 
 
@@ -46,6 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"fewstep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nfewstep {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return INTERRUPTED
+
+
+#: exit status after Ctrl-C (128 + SIGINT), as shells report it
+INTERRUPTED = 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command: the subcommand's ``resume_hint(args)`` (set with
+    ``set_defaults``) or, for commands that keep no progress, a rerun."""
+    hint = getattr(args, "resume_hint", None)
+    if callable(hint):
+        try:
+            return hint(args)
+        except Exception:  # noqa: BLE001 - the hint must never turn Ctrl-C into a traceback
+            pass
+    elif isinstance(hint, str):
+        return hint
+    return "nothing was written; rerun the same command to start again"
 
 
 if __name__ == "__main__":  # pragma: no cover

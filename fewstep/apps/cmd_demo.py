@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .options import DIGITS, add_model_options, add_parser, add_threads_option, apply_threads, check_model_path
+from .options import (
+    add_model_options,
+    add_parser,
+    add_threads_option,
+    apply_threads,
+    check_model_path,
+    check_positive,
+    is_digits_model,
+)
 
 DESCRIPTION = """\
 Launch the Gradio demo: generate with any scheduler and guidance method, and compare settings side
@@ -20,15 +28,16 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     check_model_path(args.model)
+    check_positive("--concurrency", args.concurrency)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("fewstep demo needs gradio: pip install 'fewstep[demo]' (or pip install gradio)") from None
-    apply_threads(args.threads, tiny=args.model == DIGITS)
+    apply_threads(args.threads, tiny=is_digits_model(args.model))
     from .demo import build_demo
 
     demo = build_demo(model=args.model, device=args.device, dtype=args.dtype, allow_download=args.allow_download,
-                      preload=True)
+                      preload=True, concurrency=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share == "yes", show_error=True)
     return 0
 
@@ -41,6 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=7860, help="port")
     p.add_argument("--share", choices=("no", "yes"), default="no",
                    help="create a public gradio.live link (needs internet)")
-    add_model_options(p, "model the demo opens with: 'digits', a local diffusers folder or a hub id")
+    p.add_argument("--concurrency", type=int, default=2, metavar="N",
+                   help="requests that run at once (the digits model runs them in parallel; diffusers pipelines take "
+                        "turns); the others wait in the queue and see their position")
+    add_model_options(p, "model the demo opens with: 'digits', a student ('digits-cd', ...), a local diffusers "
+                         "folder or a hub id")
     add_threads_option(p)
     p.set_defaults(func=_run)

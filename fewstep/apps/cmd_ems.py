@@ -13,10 +13,12 @@ batches round-robin and reduce the sums; the result equals a single-process run.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import sys
 from pathlib import Path
 
+from .._imports import load_callable
+from .._io import check_output_dir, check_writable, read_json
 from .options import add_device_option, add_parser, add_threads_option, apply_threads, check_positive, check_threads
 
 DESCRIPTION = """\
@@ -32,9 +34,33 @@ models:
 Several processes (accelerate launch --num_processes N -m fewstep.apps.cli ems ...) shard the
 batches and reduce the sums; the result equals a single-process run.
 
+Progress is checkpointed after every batch to OUTPUT's name with .checkpoint.pt (or --checkpoint);
+rerunning the same command after an interruption resumes there. The checkpoint is removed once
+OUTPUT is written.
+
 example:
   fewstep ems --model digits --guidance-scale 2 --output my_ems.safetensors
 """
+
+
+def default_checkpoint(output: str) -> Path:
+    """The resume file ``fewstep ems`` uses without ``--checkpoint``: next to ``output``
+    (``my_ems.safetensors`` -> ``my_ems.checkpoint.pt``)."""
+    return Path(output).with_suffix(".checkpoint.pt")
+
+
+def _checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.no_checkpoint:
+        return None
+    return Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.output)
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """What ``fewstep ems`` prints when interrupted (Ctrl-C)."""
+    ckpt = _checkpoint(args)
+    if ckpt is None:
+        return "progress was not saved (--no-checkpoint); rerun to start over"
+    return f"progress is saved in {ckpt}; rerun the same command to resume"
 
 
 def _load_data(path: str):
@@ -46,10 +72,41 @@ def _load_data(path: str):
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        t = load_file(str(p))
-        x = t.get("x", t.get("samples", next(iter(t.values()))))
-        return (x, t["labels"]) if "labels" in t else x
-    return torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            t = load_file(str(p))
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types
+            raise ValueError(f"--data {path}: not a readable safetensors file ({err})") from err
+    else:
+        try:
+            t = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle/zip errors of a damaged or foreign file
+            raise ValueError(f"--data {path}: not a readable torch file of tensors ({type(err).__name__}: {err})") \
+                from err
+    return _data_of(t, path)
+
+
+def _data_of(t, path: str):
+    """The samples (and labels) in what ``--data`` holds: a tensor, a ``(samples, labels)`` pair,
+    or a dict with ``x`` or ``samples`` (and optionally ``labels``)."""
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t
+    if isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(v, torch.Tensor) for v in t):
+        return tuple(t)
+    if isinstance(t, dict):
+        key = next((k for k in ("x", "samples") if k in t), None)
+        if key is None and len(t) == 1:
+            key = next(iter(t))
+        if key is None or not isinstance(t[key], torch.Tensor):
+            raise ValueError(f"--data {path} holds a dict with keys {sorted(map(str, t))}; it needs the samples under "
+                             "'x' or 'samples' (and optionally 'labels'), or save the tensor itself")
+        labels = t.get("labels")
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise ValueError(f"--data {path}: 'labels' must be a tensor, got {type(labels).__name__}")
+        return t[key] if labels is None else (t[key], labels)
+    raise ValueError(f"--data {path} holds a {type(t).__name__}; it needs a tensor of clean samples, a "
+                     "(samples, labels) pair, or a dict with 'x'/'samples' and optionally 'labels'")
 
 
 def _placement(args: argparse.Namespace, device) -> dict:
@@ -76,8 +133,11 @@ def _resolve(args: argparse.Namespace, device=None):
         data = (x, model.null(y)) if args.unconditional else (x, y)
         return model, load_digits_scheduler_config(), data, None, uncond, "fewstep-digits-teacher"
     if ":" in args.model and not Path(args.model).exists():
-        mod, _, fn = args.model.partition(":")
-        model, config, data = getattr(importlib.import_module(mod), fn)()
+        got = load_callable(args.model, "--model")()
+        if not isinstance(got, (tuple, list)) or len(got) != 3:
+            raise ValueError(f"--model {args.model}: the callable must return (model, scheduler_config, data), "
+                             f"got {type(got).__name__}")
+        model, config, data = got
         return model, dict(config), data, None, None, args.model
     from diffusers import UNet2DModel
 
@@ -92,7 +152,10 @@ def _scheduler_config(args: argparse.Namespace) -> dict:
     path = Path(args.scheduler_config) if args.scheduler_config else folder / "scheduler" / "scheduler_config.json"
     if not path.exists():
         raise FileNotFoundError(f"scheduler config {path} not found; pass --scheduler-config")
-    return json.loads(path.read_text())
+    config = read_json(path, "scheduler config")
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config {path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -101,7 +164,18 @@ def _check(args: argparse.Namespace) -> None:
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     check_positive("--num-samples", args.num_samples, allow_none=True)
     check_threads(args.threads)
-    if args.model == "digits" or (":" in args.model and not Path(args.model).exists()):
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--output must end with .safetensors, got {args.output!r}")
+    check_output_dir(out.parent, "--output")
+    check_writable(out, "--output")
+    ckpt = _checkpoint(args)
+    if ckpt is not None:
+        check_writable(ckpt, "--checkpoint")
+    if args.model == "digits":
+        return
+    if ":" in args.model and not Path(args.model).exists():
+        load_callable(args.model, "--model")  # module missing vs attribute missing, before any work
         return
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model!r} is neither 'digits', a folder, nor module:callable")
@@ -126,15 +200,30 @@ def _run(args: argparse.Namespace) -> int:
             model, config, data, num_grid=args.num_grid, num_samples=args.num_samples, batch_size=args.batch_size,
             t_range=tuple(args.t_range) if args.t_range else None, cond=cond, uncond=uncond,
             guidance_scale=args.guidance_scale, pairs_per_call=args.pairs_per_call, seed=args.seed,
-            checkpoint=args.checkpoint, model_id=model_id, progress=not args.quiet, device=device,
+            checkpoint=_checkpoint(args), model_id=model_id, progress=not args.quiet, device=device,
             dtype=torch.float64 if args.float64 else torch.float32, accelerator=acc,
         )
         if acc is None or acc.is_main_process:
             path = ems.save(args.output)
+            _remove_checkpoint(args, 1 if acc is None else acc.num_processes)
             print(json.dumps({"output": str(path), "world_size": 1 if acc is None else acc.num_processes,
                               **{k: ems.metadata.get(k) for k in
                                  ("num_grid", "num_samples", "guidance_scale", "t_range", "seconds")}}, indent=2))
     return 0
+
+
+def _remove_checkpoint(args: argparse.Namespace, world: int) -> None:
+    """The default checkpoint (and its per-rank files) is spent once the output is written."""
+    if args.checkpoint or args.no_checkpoint:
+        return
+    ckpt = default_checkpoint(args.output)
+    for p in [ckpt] + [ckpt.with_name(f"{ckpt.name}.rank{r}") for r in range(world)]:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            print(f"fewstep ems: could not remove the spent checkpoint {p}: {err}", file=sys.stderr)
 
 
 def register(subparsers) -> None:
@@ -154,10 +243,13 @@ def register(subparsers) -> None:
                    help="model-time range of the grid (default: the whole schedule)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale w the EMS are computed at")
     p.add_argument("--unconditional", action="store_true", help="digits: use the null label for every sample")
-    p.add_argument("--checkpoint", default=None, metavar="FILE", help="resume file (written after every batch)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="resume file, written after every batch (default: OUTPUT with .checkpoint.pt, removed "
+                        "when OUTPUT is written)")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not save progress (no resume after a kill)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     add_device_option(p)
     p.add_argument("--float64", action="store_true", help="run the model in float64 (exact-model studies)")
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, resume_hint=resume_hint)

@@ -134,6 +134,7 @@ def register(subparsers) -> None:
                "Inception statistics (mu, sigma) of SRC once and save them as a .npz to reuse as REF.",
                src="folder | .zip | digits", out="output .npz (mu, sigma, n, meta)")
     p.add_argument("--keep-features", action="store_true", help="also store the features (needed as a KID reference)")
+    p.set_defaults(resume_hint=lambda a: f"progress is saved in {a.out}.partial; rerun the same command to resume")
     for p, inception in inception_of.items():
         _common(p, inception)
         p.set_defaults(func=run_eval)

@@ -10,14 +10,17 @@ least-squares coefficients of :class:`fewstep.guidance.LinearAG`
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from .._io import atomic_write_json, check_output_dir, check_writable
 from .options import add_parser, check_positive
 
 
 def _run(args: argparse.Namespace) -> int:
     check_positive("--num-samples", args.num_samples)
+    out = Path(args.output)
+    check_output_dir(out.parent, "--output")
+    check_writable(out, "--output")  # before the trajectories are sampled
     import torch
 
     from ..guidance.linear_ag import fit_linear_ag
@@ -36,9 +39,7 @@ def _run(args: argparse.Namespace) -> int:
                             start_step=args.start_step, space=args.space)
     fit["model"] = "fewstep digits teacher"
     fit["seed"] = args.seed
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(fit, indent=2) + "\n")
+    atomic_write_json(out, fit)
     print(f"wrote {out}: start_step={fit['start_step']}, max rel_error={max(fit['rel_error'] or [0]):.4f}")
     return 0
 

@@ -8,14 +8,12 @@ seconds); only the value ranges of guidance parameters need the guidance classes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 from pathlib import Path
 
+from .._io import atomic_path, atomic_write_json, check_output_dir
 from .options import (
-    DIGITS,
     MAX_STEPS,
     add_model_options,
     add_parser,
@@ -26,6 +24,9 @@ from .options import (
     check_seed,
     check_steps,
     check_threads,
+    default_guidance,
+    default_scheduler,
+    is_digits_model,
     parse_labels,
 )
 
@@ -49,6 +50,9 @@ def _check(args: argparse.Namespace):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    check_model_path(args.model)
+    args.scheduler = args.scheduler or default_scheduler(args.model)
+    args.guidance = args.guidance or default_guidance(args.model)
     get_entry(args.scheduler)
     args.scheduler_overrides = parse_overrides(args.scheduler_config)
     gspec = parse_guidance(args.guidance, name="--guidance", validate=False)
@@ -58,11 +62,11 @@ def _check(args: argparse.Namespace):
     check_positive("--batch-size", args.batch_size, allow_none=True)
     check_positive("--upscale", args.upscale, allow_none=True)
     check_threads(args.threads)
-    check_model_path(args.model)
-    if args.model == DIGITS:
+    if is_digits_model(args.model):
         parse_labels(args.labels)
         if args.prompt:
-            raise ValueError("model 'digits' is class-conditional: use --labels, not --prompt")
+            raise ValueError(f"model {args.model!r} is class-conditional: use --labels, not --prompt")
+    check_output_dir(out, "--out", create=False)  # created once the images exist
     return gspec
 
 
@@ -78,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         print(describe_guidance())
         return 0
     gspec = _check(args)
-    apply_threads(args.threads, tiny=args.model == DIGITS)
+    apply_threads(args.threads, tiny=is_digits_model(args.model))
     gspec.build()  # the guidance class checks its value ranges (imports torch)
     from .generate import generate
     from .images import make_grid
@@ -91,14 +95,15 @@ def _run(args: argparse.Namespace) -> int:
         scheduler_config=args.scheduler_overrides, batch_size=args.batch_size, progress=not args.no_progress,
         upscale=args.upscale,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "--out")
     files = []
     for i, img in enumerate(result.images):
         name = f"{i:06d}.png"
-        img.save(out / name)
+        with atomic_path(out / name) as tmp:
+            img.save(tmp)
         files.append(name)
-    make_grid(result.images).save(out / "grid.png")
+    with atomic_path(out / "grid.png") as tmp:
+        make_grid(result.images).save(tmp)
     import diffusers
     import torch
 
@@ -116,9 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         "versions": {"fewstep": getattr(fewstep, "__version__", "?"), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
-    tmp = out / "record.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "record.json")
+    atomic_write_json(out / "record.json", record)
     print(f"wrote {len(files)} images, grid.png and record.json to {out} "
           f"(NFE {result.nfe} per image, {result.wall_time:.2f} s)", file=sys.stderr)
     return 0
@@ -133,15 +136,17 @@ def register(subparsers) -> None:
     req.add_argument("--out", metavar="DIR", default=None,
                      help="output folder (not needed with --list-schedulers / --list-guidance)")
     what = p.add_argument_group("sampling")
-    what.add_argument("--scheduler", default="dpmpp-2m", metavar="NAME",
-                      help="scheduler short name (see --list-schedulers)")
+    what.add_argument("--scheduler", default=None, metavar="NAME",
+                      help="scheduler short name (see --list-schedulers); default: dpmpp-2m, and consistency "
+                           "for a distilled student (--model digits-cd)")
     what.add_argument("--scheduler-config", action="append", default=[], metavar="KEY=VALUE",
                       help="scheduler config override, repeatable, e.g. timestep_spacing=trailing or "
                            "lower_order_final=false")
     what.add_argument("--steps", type=int, default=8, help=f"inference steps, 1..{MAX_STEPS}")
-    what.add_argument("--guidance", default="cfg:2.0", metavar="SPEC",
+    what.add_argument("--guidance", default=None, metavar="SPEC",
                       help="none | cfg:W | apg:scale=W,eta=0 | cfgpp:LAMBDA | ag:scale=W,threshold=0.99 | "
-                           "rescale:phi=0.7,scale=W (see --list-guidance)")
+                           "rescale:phi=0.7,scale=W (see --list-guidance); default: cfg:2.0, and none for a "
+                           "distilled student (digits-lcm takes cfg:W, W in [1, 3], as its guidance input)")
     what.add_argument("--labels", default=None,
                       help="class labels for class models, e.g. 0-9 or 3,7, cycled over --n (default: all classes)")
     what.add_argument("--prompt", default=None, metavar="TEXT", help="prompt for text-to-image pipelines")
@@ -154,7 +159,8 @@ def register(subparsers) -> None:
     what.add_argument("--upscale", type=int, default=None, metavar="F",
                       help="nearest-neighbour upscale factor of the saved images (default: small images to ~64 px)")
     run = p.add_argument_group("model and machine")
-    add_model_options(run, "'digits' (bundled, offline), a local diffusers pipeline folder or a hub id "
+    add_model_options(run, "'digits' (bundled, offline), a shipped distilled student ('digits-cd', "
+                           "'digits-lcm', ...), a local diffusers pipeline folder or a hub id "
                            "(local cache only unless --allow-download)")
     add_threads_option(run)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -162,4 +168,5 @@ def register(subparsers) -> None:
     info.add_argument("--list-schedulers", action="store_true", help="print the scheduler names and exit")
     info.add_argument("--list-guidance", action="store_true",
                       help="print the guidance methods, their parameters and defaults, and exit")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, resume_hint="rerun the same command to start again (the same seed gives the same "
+                                          "images)")

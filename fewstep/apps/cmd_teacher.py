@@ -2,8 +2,9 @@
 
 Both read ``configs/digits_teacher.json`` style configs (keys ``teacher`` / ``classifier``, or a
 flat dict for the one model), run deterministically on CPU with the given seed, resume from
-``--work-dir`` when interrupted, and write the weights into ``--output-dir`` (default: the
-installed package's ``fewstep/models/weights``, overwriting the shipped files).
+``--work-dir`` when interrupted, and write the weights into ``--output-dir`` (default:
+``out/teacher`` / ``out/classifier``; the installed package's ``weights/`` folder only when passed
+explicitly). Both folders are checked for writability before training starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import functools
 import json
 from pathlib import Path
 
+from .._io import check_output_dir, read_json
 from .options import add_parser
+
+#: default --output-dir per model (fewstep.models.train's TEACHER_OUTPUT_DIR / CLASSIFIER_OUTPUT_DIR;
+#: not imported from there, which would import torch before the arguments are checked)
+OUTPUT_DIRS = {"teacher": "out/teacher", "classifier": "out/classifier"}
 
 
 def _load_config(path: str | None, key: str) -> dict | None:
@@ -22,7 +28,7 @@ def _load_config(path: str | None, key: str) -> dict | None:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--config file {path} does not exist")
-    data = json.loads(p.read_text())
+    data = read_json(p, "--config")
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} must hold a JSON object")
     return data[key] if key in data else data
@@ -31,11 +37,13 @@ def _load_config(path: str | None, key: str) -> dict | None:
 def _train(args: argparse.Namespace, model: str, override: str) -> int:
     """``train-teacher`` / ``train-classifier``: the config (``--config``'s ``model`` key or the whole
     file), ``--steps``/``--epochs`` on top, then :mod:`fewstep.models.train`."""
-    from fewstep.models import train
-
     config = _load_config(args.config, model) or {}
     if getattr(args, override) is not None:
         config = {**config, override: getattr(args, override)}
+    check_output_dir(args.output_dir, "--output-dir")  # before torch loads and long before the weights exist
+    check_output_dir(args.work_dir, "--work-dir")
+    from fewstep.models import train
+
     record = getattr(train, f"train_{model}")(config, seed=args.seed, work_dir=args.work_dir,
                                               output_dir=args.output_dir)
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
@@ -64,6 +72,13 @@ def register(subparsers) -> None:
         p.add_argument("--seed", type=int, default=None, help="override the config seed")
         p.add_argument(f"--{length}", type=int, default=None, help=length_help)
         p.add_argument("--work-dir", default=f"out/train_{model}", help="checkpoint folder (resume)")
-        p.add_argument("--output-dir", default=None, help="where to write the weights (default: the package's "
-                       "weights/)")
-        p.set_defaults(func=functools.partial(_train, model=model, override=length))
+        p.add_argument("--output-dir", default=OUTPUT_DIRS[model],
+                       help="folder the weights, their configs and the training record are written to, as one "
+                            "unit; the installed package's weights/ only when named here")
+        p.set_defaults(func=functools.partial(_train, model=model, override=length),
+                       resume_hint=_resume_hint)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    return (f"progress up to the last checkpoint is saved in {Path(args.work_dir) / 'checkpoint.pt'}; rerun the same "
+            "command to resume")

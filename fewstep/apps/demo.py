@@ -10,10 +10,14 @@ downloaded. Two tabs:
   one image grid per line, side by side.
 
 Every request builds its own scheduler and guidance objects (no state shared between users
-except the read-only loaded model weights); requests go through Gradio's queue one at a time
-(a shared lock in :mod:`fewstep.apps.generate` guards the pipeline too). Bad inputs (steps out of
-range, unknown model path, bad guidance parameters ...) come back as a visible error message in
-the status box. The handlers :func:`run_generate` and :func:`run_compare` are plain functions.
+except the read-only loaded model weights). Requests go through Gradio's queue, which shows each
+waiting user their position; ``concurrency`` of them run at once (``fewstep demo --concurrency N``,
+default 2). The digits teacher runs them truly in parallel; diffusers pipelines, whose scheduler
+and guidance hook are swapped per request, still take turns (a lock in
+:mod:`fewstep.apps.generate`). Bad inputs (steps out of range, unknown model path, bad guidance
+parameters ...) raise ``gradio.Error``: a visible error in the page and a failed call for API
+clients (``gradio_client`` raises). The handlers :func:`run_generate` and :func:`run_compare` are
+plain functions.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .options import DIGITS
 DEMO_MAX_STEPS = 50
 DEMO_MAX_BATCH = 16
 DEMO_MAX_COMPARE = 4
+DEFAULT_CONCURRENCY = 2
 DEFAULT_COMPARE = "dpmpp-2m | cfg:2.0\nddim | cfg:2.0\ndpmpp-2m | apg:scale=3,eta=0"
 # a scheduler override that gives good digits with dpmpp-2m and dpmpp-3m (FD-digits 12.7 and 8.3 at 8 steps,
 # cfg 2; the full logSNR grid alone gives 81 with dpmpp-3m on this cosine-schedule model:
@@ -42,9 +47,12 @@ OVERRIDE_EXAMPLE = "timestep_spacing=logsnr, lambda_min_clipped=-5.1"
 _SETTINGS: dict[str, Any] = {"device": "auto", "dtype": "auto", "allow_download": False}
 
 
-def _error(msg: str) -> str:
-    msg = re.sub(r"(?<![\w-])--(?=[a-z])", "", str(msg))  # CLI option names read as plain words here
-    return f'<div class="fewstep-error" style="color:#b91c1c"><b>Error:</b> {html.escape(str(msg))}</div>'
+def _error(err: Exception):
+    """``gradio.Error`` for a bad request: shown in the page, and a failure for API clients."""
+    import gradio as gr
+
+    msg = re.sub(r"(?<![\w-])--(?=[a-z])", "", str(err))  # CLI option names read as plain words here
+    return gr.Error(msg, title="fewstep: bad request")
 
 
 def _guidance_text(method: str, params: str | None) -> str:
@@ -77,7 +85,7 @@ def _inputs(model_spec, prompt, labels):
 
 def run_generate(model_spec: str, prompt: str, labels: str, scheduler: str, steps, guidance_method: str,
                  guidance_params: str, scheduler_config: str, seed, batch_size):
-    """Generate tab handler -> ``(gallery items, status html)``; never raises on bad input."""
+    """Generate tab handler -> ``(gallery items, status html)``; ``gradio.Error`` on bad input."""
     try:
         steps = _check_int("steps", steps, 1, DEMO_MAX_STEPS)
         batch = _check_int("batch size", batch_size, 1, DEMO_MAX_BATCH)
@@ -88,7 +96,7 @@ def run_generate(model_spec: str, prompt: str, labels: str, scheduler: str, step
         res = generate(model, scheduler, steps, gspec, seed=seed, n=batch, scheduler_config=scheduler_config,
                               max_steps=DEMO_MAX_STEPS, **cond)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
-        return [], _error(err)
+        raise _error(err) from err
     items = [(img, cap) for img, cap in zip(res.images, res.captions)]
     status = (f"<b>{len(res.images)} images</b> &middot; {html.escape(res.settings['scheduler'])}, {steps} steps, "
               f"guidance {html.escape(res.settings['guidance'])} &middot; <b>NFE {res.nfe}</b> per image "
@@ -116,7 +124,8 @@ def parse_compare(text: str) -> list[tuple[str, str]]:
 
 
 def run_compare(model_spec: str, prompt: str, labels: str, steps, seed, batch_size, settings_text: str):
-    """Compare tab handler: one grid per ``scheduler | guidance`` line, same seed and labels."""
+    """Compare tab handler: one grid per ``scheduler | guidance`` line, same seed and labels;
+    ``gradio.Error`` on bad input."""
     try:
         steps = _check_int("steps", steps, 1, DEMO_MAX_STEPS)
         batch = _check_int("batch size", batch_size, 1, DEMO_MAX_BATCH)
@@ -131,7 +140,7 @@ def run_compare(model_spec: str, prompt: str, labels: str, steps, seed, batch_si
             rows.append(f"<tr><td>{html.escape(sched)}</td><td>{html.escape(res.settings['guidance'])}</td>"
                         f"<td>{res.nfe}</td><td>{res.wall_time:.2f}</td></tr>")
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
-        return [], _error(err)
+        raise _error(err) from err
     table = ("<table><tr><th>scheduler</th><th>guidance</th><th>NFE</th><th>time (s)</th></tr>"
              + "".join(rows) + "</table>")
     return items, f'<div class="fewstep-ok">seed {seed}, {steps} steps{table}</div>'
@@ -145,11 +154,14 @@ def _guidance_hint(method: str) -> str:
 
 
 def build_demo(model: str = DIGITS, device: str = "auto", dtype: str = "auto", allow_download: bool = False,
-               preload: bool = False):
+               preload: bool = False, concurrency: int = DEFAULT_CONCURRENCY):
     """The demo as a ``gradio.Blocks`` (not launched). ``model`` prefills the model box;
-    ``allow_download`` lets hub ids be fetched; ``preload`` loads the default model now."""
+    ``allow_download`` lets hub ids be fetched; ``preload`` loads the default model now;
+    ``concurrency``: requests that run at once (the rest wait in the queue, shown their position)."""
     import gradio as gr
 
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
     _SETTINGS.update(device=device, dtype=dtype, allow_download=bool(allow_download))
     if preload:
         load_model(model, device, dtype, allow_download=allow_download)
@@ -202,5 +214,5 @@ def build_demo(model: str = DIGITS, device: str = "auto", dtype: str = "auto", a
                                      sconf_box, seed_box, batch_box], [gallery, status], api_name="generate")
         cmp_btn.click(run_compare, [model_box, prompt_box, labels_box, steps_box, seed_box, batch_box, cmp_box],
                       [cmp_gallery, cmp_status], api_name="compare")
-    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.queue(default_concurrency_limit=concurrency, max_size=32)
     return demo

@@ -7,7 +7,6 @@ and returns the result dict that ``fewstep eval`` prints. Heavy modules are impo
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -199,8 +198,11 @@ def run_clip(args, device, rank, world) -> dict:
 
     src = open_image_source(args.gen)
     if args.prompts.lower().endswith(".json"):
-        with open(args.prompts, encoding="utf-8") as f:
-            mapping = json.load(f)
+        from .._io import read_json
+
+        mapping = read_json(args.prompts, "--prompts")
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--prompts {args.prompts}: a .json prompts file must hold an object {{file: prompt}}")
         missing = [n for n in src.names if n not in mapping]
         if missing:
             raise ValueError(f"--prompts: no prompt for {len(missing)} image(s), e.g. {missing[:5]}")

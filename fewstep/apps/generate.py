@@ -9,6 +9,7 @@ pipelines run their own loop, with guidance objects hooked in by :func:`fewstep.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import numbers
 import threading
@@ -22,9 +23,18 @@ from ..guidance.spec import GuidanceSpec, parse_guidance
 from ..samplers.registry import get_entry, make_scheduler, parse_overrides
 from .images import auto_upscale, to_pil_list, upscale
 from .loading import LoadedModel, digits_ems_for
-from .options import MAX_STEPS, check_positive, check_seed, check_steps, parse_labels
+from .options import (
+    MAX_STEPS,
+    check_positive,
+    check_seed,
+    check_steps,
+    default_guidance,
+    default_scheduler,
+    parse_labels,
+)
 
-# generation touches shared pipeline objects (scheduler swap, guidance hook): one at a time
+# generation with a diffusers pipeline touches shared pipeline objects (scheduler swap, guidance hook): one at
+# a time. The digits teacher runs on a per-request pipeline around the shared (read-only) UNet: no lock.
 _GENERATE_LOCK = threading.RLock()
 
 
@@ -48,7 +58,8 @@ def build_scheduler(model: LoadedModel, name: str, overrides: Mapping[str, Any] 
     return make_scheduler(entry.name, model.base_scheduler_config, merged)
 
 
-def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, guidance: str | GuidanceSpec = "cfg:2.0",
+def generate(model: LoadedModel, scheduler: str | None = None, steps: int = 8,
+             guidance: str | GuidanceSpec | None = None,
              seed: int = 0, n: int = 4, labels: str | Sequence[int] | None = None, prompt: str | None = None,
              negative_prompt: str | None = None, scheduler_config: Mapping[str, Any] | str | list | None = None,
              batch_size: int | None = None, progress: bool = False, max_steps: int = MAX_STEPS,
@@ -60,6 +71,8 @@ def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, gu
     on the CPU (same images on any device up to numerics), drawn batch by batch. ``nfe`` is model
     evaluations per image (a guided step with both branches counts 2). ``upscale``: integer
     nearest-neighbour factor for the returned images (``None``: automatic for tiny images).
+    ``scheduler`` / ``guidance`` None: the model's defaults (``dpmpp-2m`` and ``cfg:2.0``; a
+    distilled student's ``consistency`` sampler and no guidance rule).
     Raises ``ValueError`` naming the bad argument.
     """
     steps = check_steps(steps, 1, max_steps)
@@ -68,7 +81,16 @@ def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, gu
     n = int(n)
     batch_size = n if batch_size is None else int(batch_size)
     check_positive("batch size", batch_size)
+    scheduler = scheduler or default_scheduler(model.name)
+    guidance = guidance or default_guidance(model.name)
     gspec = guidance if isinstance(guidance, GuidanceSpec) else parse_guidance(guidance, name="--guidance")
+    if model.student:
+        if scheduler != "consistency":
+            raise ValueError(f"--scheduler {scheduler!r}: model {model.name!r} is a distilled student and samples "
+                             "only with its own scheduler; use --scheduler consistency")
+        if not gspec.is_plain:
+            raise ValueError(f"--guidance {gspec.text}: a distilled student has its guidance built in; use "
+                             "none (or cfg:W for a student trained with a guidance input, e.g. digits-lcm)")
     if isinstance(scheduler_config, (str, list)):
         overrides = parse_overrides(scheduler_config)
     else:
@@ -97,7 +119,7 @@ def generate(model: LoadedModel, scheduler: str = "dpmpp-2m", steps: int = 8, gu
     gen = torch.Generator("cpu").manual_seed(seed)
     images: list = []
     nfe = 0
-    with _GENERATE_LOCK:
+    with contextlib.nullcontext() if model.kind == "digits" else _GENERATE_LOCK:
         t0 = time.perf_counter()
         for start in range(0, n, batch_size):
             chunk = conds[start:start + batch_size]
@@ -175,16 +197,20 @@ def _swapped(pipe, scheduler, progress: bool):
 def _run_digits(model: LoadedModel, sched, steps: int, gspec: GuidanceSpec, labels: list, gen: torch.Generator,
                 progress: bool, negative_prompt: str | None = None) -> tuple[list, int]:
     """Digits: the noise of this batch from ``gen``, then ``DigitsPipeline`` (:func:`fewstep.sample`)
-    with the guidance object, or plain CFG at the spec's scale."""
-    pipe = model.pipe
-    unet = pipe.unet
+    with the guidance object, or plain CFG at the spec's scale. The pipeline is this request's own
+    (a shallow copy sharing the read-only UNet, with this request's scheduler), so concurrent
+    requests share nothing mutable."""
+    unet = model.pipe.unet
+    pipe = copy.copy(model.pipe)  # diffusers re-registers the swapped scheduler in the copy's own config
+    pipe.scheduler = sched
+    pipe.set_progress_bar_config(disable=not progress)
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     noise = torch.randn((len(labels), unet.config.in_channels, *size), generator=gen, dtype=torch.float32)
     noise = noise.to(model.device, model.dtype)
-    with _swapped(pipe, sched, progress):
-        out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale, guidance=gspec.build(),
-                   generator=gen, latents=noise, output_type="pt")
+    out = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=gspec.scale,
+               guidance=None if model.student else gspec.build(),
+               generator=gen, latents=noise, output_type="pt")
     return to_pil_list(out.images), int(out.nfe)
 
 

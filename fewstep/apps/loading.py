@@ -20,7 +20,7 @@ import torch
 
 from ..device import resolve_device as _resolve_device
 from ..guidance.spec import GuidanceSpec
-from .options import DIGITS, DTYPE_NAMES, check_model_path
+from .options import DIGITS, DTYPE_NAMES, check_model_path, is_digits_model, student_of
 
 DTYPES = dict(zip(DTYPE_NAMES, (None, torch.float32, torch.float32, torch.float16, torch.float16, torch.float16,
                                 torch.bfloat16, torch.bfloat16)))
@@ -41,7 +41,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device, model: s
         raise ValueError(f"--dtype {spec!r} is not supported; allowed: {', '.join(DTYPES)}")
     dtype = DTYPES[key]
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" or model == DIGITS else torch.float16
+        dtype = torch.float32 if device.type == "cpu" or is_digits_model(model) else torch.float16
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
     return dtype
@@ -54,7 +54,8 @@ class LoadedModel:
     ``kind``: ``"digits"`` (the bundled teacher), ``"text"`` (takes ``prompt``), ``"class"``
     (a diffusers class-conditional pipeline, ``class_labels``) or ``"uncond"``.
     ``scheduler_defaults``: per scheduler name, keywords the model supplies (e.g. the shipped
-    EMS for ``dpm-v3`` on digits); user overrides win.
+    EMS for ``dpm-v3`` on digits); user overrides win. ``student``: a distilled digits student
+    (``digits-cd``...): it samples only with its own ``consistency`` scheduler, guidance built in.
     """
 
     name: str
@@ -63,6 +64,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     scheduler_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    student: bool = False
 
     def __post_init__(self):
         # the pipeline's own scheduler config, read once: generate() swaps pipe.scheduler while it
@@ -124,7 +126,14 @@ def load_model(spec: str = DIGITS, device: str | torch.device = "auto", dtype: s
     key = (spec, str(dev), str(dt), bool(allow_download))
     if cache and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
-    if spec == DIGITS:
+    if student_of(spec) is not None:
+        from ..models import load_digits_pipeline
+
+        check_model_path(spec)
+        pipe = load_digits_pipeline(device=dev, student=student_of(spec))
+        pipe = pipe.to(dtype=dt) if dt != torch.float32 else pipe
+        model = LoadedModel(spec, pipe, "digits", dev, dt, student=True)
+    elif spec == DIGITS:
         from ..models import load_digits_pipeline
 
         pipe = load_digits_pipeline(device=dev)
@@ -141,16 +150,37 @@ def load_model(spec: str = DIGITS, device: str | torch.device = "auto", dtype: s
     return model
 
 
-def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype, allow_download: bool):
+#: pipeline classes fewstep defines (``_class_name`` in a saved folder's model_index.json) -> where they live;
+#: diffusers' own loader looks them up in the diffusers package and fails
+FEWSTEP_PIPELINES = {"DigitsPipeline": "fewstep.models.pipeline:DigitsPipeline"}
+
+
+def _pipeline_class(path: Path):
+    """The class that loads the pipeline folder ``path``: a fewstep pipeline named in its
+    ``model_index.json`` (``DigitsPipeline.save_pretrained`` output), else diffusers'
+    ``DiffusionPipeline`` (which resolves diffusers' own classes)."""
     from diffusers import DiffusionPipeline
 
+    from .._imports import load_callable
+    from .._io import read_json
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        return DiffusionPipeline
+    name = read_json(index, f"--model {str(path)!r}: model_index.json")
+    name = name.get("_class_name") if isinstance(name, dict) else None
+    return load_callable(FEWSTEP_PIPELINES[name], "pipeline class") if name in FEWSTEP_PIPELINES else DiffusionPipeline
+
+
+def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype, allow_download: bool):
     check_model_path(spec)
     path = Path(spec).expanduser()
     source = str(path) if path.exists() else spec
+    pipeline_class = _pipeline_class(path)
     try:
         with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones need it
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download)
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype, local_files_only=not allow_download)
     except (OSError, EnvironmentError, ValueError) as err:
         if source == spec and not path.exists() and not allow_download:
             raise FileNotFoundError(

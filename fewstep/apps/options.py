@@ -18,6 +18,37 @@ DIGITS = "digits"
 #: ``--dtype`` names (their torch dtypes: :data:`fewstep.apps.loading.DTYPES`)
 DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 MAX_STEPS = 1000
+#: shipped distilled students are ``--model digits-NAME`` (files ``models/weights/digits_NAME.json``)
+STUDENT_PREFIX = "digits-"
+_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+
+
+def digits_students() -> list[str]:
+    """The shipped digits students' names (``cd``, ``lcm``, ...), from the package's weight files."""
+    return sorted(p.stem[len("digits_"):] for p in _WEIGHTS.glob("digits_*.json")
+                  if (_WEIGHTS / f"{p.stem}_unet.safetensors").exists())
+
+
+def student_of(spec) -> str | None:
+    """``"cd"`` for ``--model digits-cd`` (a shipped distilled student), None for any other model."""
+    if isinstance(spec, str) and spec.startswith(STUDENT_PREFIX) and not Path(spec).exists():
+        return spec[len(STUDENT_PREFIX):]
+    return None
+
+
+def is_digits_model(spec) -> bool:
+    """The bundled teacher or one of its shipped students (tiny class-conditional 8x8 models)."""
+    return spec == DIGITS or student_of(spec) is not None
+
+
+def default_scheduler(spec) -> str:
+    """``--scheduler`` when not given: the student's own consistency sampler, else DPM-Solver++(2M)."""
+    return "consistency" if student_of(spec) is not None else "dpmpp-2m"
+
+
+def default_guidance(spec) -> str:
+    """``--guidance`` when not given: none for students (guidance is distilled in), else CFG 2."""
+    return "none" if student_of(spec) is not None else "cfg:2.0"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -181,6 +212,12 @@ def check_model_path(spec: str) -> None:
     """The checks of ``--model`` that need no import: ``FileNotFoundError`` for a path that is not
     a diffusers pipeline folder, or a spec that is neither a folder, a hub id nor ``digits``."""
     if spec == DIGITS:
+        return
+    student = student_of(spec)
+    if student is not None:
+        if student not in digits_students():
+            raise FileNotFoundError(f"--model {spec!r}: no shipped digits student {student!r}; allowed: "
+                                    + ", ".join(STUDENT_PREFIX + s for s in digits_students()))
         return
     path = Path(spec).expanduser()
     if path.exists():

@@ -81,13 +81,10 @@ def read_labels(path, n: int | None = None, num_classes: int = NUM_CLASSES) -> l
     in ``0..num_classes-1``; ``n`` of them when given. Errors name the file and the line."""
     from pathlib import Path
 
+    from .._io import read_text
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"labels file not found: {str(p)!r}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{p} is not a UTF-8 text file of labels ({err})") from err
+    text = read_text(p, "labels file")
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         s = line.strip()

@@ -20,13 +20,13 @@ are not constrained to sum to 1 (a linear, not affine, combination; the paper's 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .._io import read_json
 from .base import Guidance, GuidanceContext, check_number, check_space
 from .methods import CFG, _as_guidance, _WrappedGuidance
 
@@ -55,7 +55,7 @@ class LinearAG(_WrappedGuidance):
             path = Path(coefficients)
             if not path.exists():
                 raise ValueError(f"coefficients file {str(path)!r} does not exist")
-            coefficients = json.loads(path.read_text())
+            coefficients = read_json(path, "LinearAG coefficients file")
         if not isinstance(coefficients, dict):
             raise ValueError("coefficients must be a dict or a JSON path")
         for key in ("num_steps", "start_step", "space", "scale", "coefficients"):

@@ -8,6 +8,8 @@ Public API (imported lazily, so ``import fewstep.models`` is cheap):
 - :func:`load_digits_classifier` -- the shipped classifier whose penultimate features define
   FD-digits.
 - :func:`shipped_file` -- the path of a file shipped with fewstep (weights, configs, EMS).
+- :class:`DigitsStudentPipeline`, :class:`GuidanceUNet2DModel` -- distilled consistency students
+  (``load_digits_pipeline(student="cd" | "lcm")``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _EXPORTS = {
     "DigitsClassifier": ".classifier",
     "denoiser": ".adapters",
     "Denoiser": ".adapters",
+    "DigitsStudentPipeline": ".students",
+    "GuidanceUNet2DModel": ".students",
 }
 
 __all__ = sorted([*_EXPORTS, "shipped_file"])

@@ -9,11 +9,12 @@ features of the Frechet distance FD-digits, the digits analogue of FID (Heusel e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .._io import read_json
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "digits_classifier.safetensors"
@@ -82,7 +83,7 @@ def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifi
             f"digits classifier weights not found at {CLASSIFIER_WEIGHTS}; reinstall fewstep or run "
             "`fewstep train-classifier`"
         )
-    meta = json.loads(CLASSIFIER_CONFIG.read_text())
+    meta = read_json(CLASSIFIER_CONFIG, "digits classifier config")
     model = DigitsClassifier(**meta["architecture"])
     model.load_state_dict(load_file(str(CLASSIFIER_WEIGHTS)))
     return model.to(device).eval().requires_grad_(False)

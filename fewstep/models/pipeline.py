@@ -8,7 +8,6 @@ where class 10 is the null label used for classifier-free guidance) trained with
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._io import read_json
 from .adapters import denoiser
 from .digits import NUM_CLASSES
 
@@ -105,13 +105,18 @@ class DigitsPipeline(DiffusionPipeline):
 
         return CFG(guidance_scale) if guidance_scale > 1.0 else None
 
+    def _sampling_model(self, guidance_scale: float, guidance=None):
+        """``(model, guide)`` for one call: ``model(x, t, c)`` over the UNet and the guidance rule
+        (None: one conditional pass per step). Subclasses with another conditioning (e.g. the
+        distilled students' guidance embedding) override this one method."""
+        return denoiser(self.unet, NULL_CLASS), self._guidance(guidance_scale, guidance)
+
     def _model_output(
         self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float
     ) -> tuple[torch.Tensor, int]:
         """Raw guided model output at ``(x, t)`` and the number of evaluations per image it took
         (one step of :meth:`__call__`)."""
-        model = denoiser(self.unet, NULL_CLASS)
-        guide = self._guidance(guidance_scale)
+        model, guide = self._sampling_model(guidance_scale)
         if guide is None:
             return model(x, t, labels), 1
         out, _, used = guide.predict(model, x, t, labels, model.null(labels))
@@ -192,14 +197,10 @@ class DigitsPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
 
-        def check_finite(i, t, x):
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite sample after step {i} (timestep {float(t):g})")
-
-        model = denoiser(self.unet, NULL_CLASS)
+        model, guide = self._sampling_model(guidance_scale, guidance)
         x, nfe = sample(model, latents, self.scheduler, int(num_inference_steps),
-                        guidance=self._guidance(guidance_scale, guidance), cond=labels, uncond=model.null(labels),
-                        generator=generator, callback=check_finite, step_kwargs=step_kwargs,
+                        guidance=guide, cond=labels, uncond=None if guide is None else model.null(labels),
+                        generator=generator, step_kwargs=step_kwargs,
                         progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
 
         images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
@@ -225,7 +226,7 @@ def load_digits_teacher_unet(device: str | torch.device = "cpu"):
         if not f.exists():
             raise FileNotFoundError(
                 f"digits teacher file {f} is missing; reinstall fewstep or run `fewstep train-teacher`")
-    unet = UNet2DModel.from_config(json.loads(UNET_CONFIG.read_text()))
+    unet = UNet2DModel.from_config(read_json(UNET_CONFIG, "digits UNet config"))
     unet.load_state_dict(load_file(str(UNET_WEIGHTS)))
     return unet.to(device).eval().requires_grad_(False)
 
@@ -233,11 +234,17 @@ def load_digits_teacher_unet(device: str | torch.device = "cpu"):
 def load_digits_scheduler_config() -> dict:
     """The shipped diffusers scheduler config of the teacher (a ``DDPMScheduler`` config:
     1000 steps, ``squaredcos_cap_v2``, ``v_prediction``, ``timestep_spacing="trailing"``)."""
-    return json.loads(SCHEDULER_CONFIG.read_text())
+    return read_json(SCHEDULER_CONFIG, "digits scheduler config")
 
 
-def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> DigitsPipeline:
+def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None,
+                         student: str | None = None) -> DigitsPipeline:
     """Load the shipped digits teacher as a :class:`DigitsPipeline`, offline.
+
+    ``student``: ``None`` for the teacher, or the name of a shipped distilled student (``"cd"``,
+    ``"lcm"``), returned as a :class:`fewstep.models.students.DigitsStudentPipeline` that is called
+    the same way and samples with the student's own consistency sampler (see
+    :func:`fewstep.models.students.load_digits_student_pipeline` for ``scheduler`` there).
 
     ``scheduler``: ``None`` (diffusers ``DPMSolverMultistepScheduler``, DPM-Solver++(2M), built from
     the shipped config -- a good deterministic few-step default), a scheduler class (instantiated
@@ -247,6 +254,10 @@ def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None) -> 
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    if student is not None:
+        from .students import load_digits_student_pipeline
+
+        return load_digits_student_pipeline(student, device=device, scheduler=scheduler)
     unet = load_digits_teacher_unet(device)
     config = load_digits_scheduler_config()
     if scheduler is None:

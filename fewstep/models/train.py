@@ -27,9 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_path, atomic_paths, check_output_dir, read_checkpoint
 from .digits import NUM_CLASSES, load_digits_split
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: default output folders of the trainers (user folders: the package's weights/ is never written
+#: unless asked for explicitly)
+TEACHER_OUTPUT_DIR = "out/teacher"
+CLASSIFIER_OUTPUT_DIR = "out/classifier"
 NULL_CLASS = NUM_CLASSES  # class id 10 = unconditional
 
 DEFAULT_TEACHER_CONFIG: dict[str, Any] = {
@@ -101,9 +106,8 @@ def _save_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generator,
     state = {"config": cfg, **{k: o.state_dict() for k, o in objects.items()}, "gen": gen.get_state(),
              "torch_rng": torch.get_rng_state(), **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _resume_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generator) -> dict | None:
@@ -112,7 +116,9 @@ def _resume_checkpoint(path: Path, cfg: dict, objects: dict, gen: torch.Generato
     config is a ``ValueError`` (continuing it would silently mix two runs)."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path, lambda f: torch.load(f, map_location="cpu", weights_only=False))
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(f"{path} is not a training checkpoint of fewstep; delete it (rm {path}) to start over")
     if state["config"] != cfg:
         raise ValueError(f"checkpoint {path} was made with a different config; remove it or pass work_dir")
     for k, o in objects.items():
@@ -160,7 +166,7 @@ def train_teacher(
     config: dict | None = None,
     seed: int | None = None,
     work_dir: str | os.PathLike = "out/train_teacher",
-    output_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike = TEACHER_OUTPUT_DIR,
     progress: bool = True,
 ) -> dict:
     """Train the class-conditional v-prediction digits teacher and write its files.
@@ -168,9 +174,11 @@ def train_teacher(
     ``config`` overrides :data:`DEFAULT_TEACHER_CONFIG` (unknown keys raise ``ValueError``);
     ``seed`` overrides ``config["seed"]``. Checkpoints go to ``work_dir/checkpoint.pt`` (resumed
     automatically when present and made with the same config). At the end the EMA weights are
-    written to ``output_dir`` (default: the package's ``weights/`` folder) as
-    ``digits_unet.safetensors``, ``digits_unet_config.json`` and ``digits_scheduler_config.json``,
-    plus ``digits_teacher_train.json`` (config, seed, final loss, wall time). Returns that record.
+    written to ``output_dir`` (default ``out/teacher``; it is created and checked for writability
+    before training) as ``digits_unet.safetensors``, ``digits_unet_config.json`` and
+    ``digits_scheduler_config.json``, plus ``digits_teacher_train.json`` (config, seed, final loss,
+    wall time), as one unit (all four complete before any is renamed into place, the record last).
+    Pass :data:`WEIGHTS_DIR` to replace the shipped teacher. Returns the record.
     """
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
@@ -185,7 +193,8 @@ def train_teacher(
         raise ValueError(f"label_dropout must be in [0, 1), got {cfg['label_dropout']}")
     torch.set_num_threads(int(cfg["num_threads"]))
     work_dir = Path(work_dir)
-    output_dir = Path(output_dir) if output_dir is not None else WEIGHTS_DIR
+    output_dir = check_output_dir(TEACHER_OUTPUT_DIR if output_dir is None else output_dir, "output_dir")
+    check_output_dir(work_dir, "work_dir")
     ckpt_path = work_dir / "checkpoint.pt"
 
     x_train, y_train = load_digits_split("train")
@@ -237,13 +246,8 @@ def train_teacher(
             _save_checkpoint(ckpt_path, cfg, stateful, gen, step=done, losses=losses, elapsed=time.time() - t0)
     wall = time.time() - t0
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(output_dir / "digits_unet.safetensors"))
-    unet_cfg = _json_config(ema.config)
-    (output_dir / "digits_unet_config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
     sched_cfg = _json_config(scheduler.config)
     sched_cfg["_class_name"] = "DDPMScheduler"
-    (output_dir / "digits_scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     record = {
         "config": cfg,
         "seed": cfg["seed"],
@@ -252,8 +256,18 @@ def train_teacher(
         "num_parameters": sum(p.numel() for p in ema.parameters()),
         "torch_version": torch.__version__,
     }
-    (output_dir / "digits_teacher_train.json").write_text(json.dumps(record, indent=2) + "\n")
+    names = ("digits_unet.safetensors", "digits_unet_config.json", "digits_scheduler_config.json",
+             "digits_teacher_train.json")
+    with atomic_paths(*(output_dir / n for n in names)) as (weights, unet_json, sched_json, record_json):
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(weights))
+        _write_json(unet_json, _json_config(ema.config))
+        _write_json(sched_json, sched_cfg)
+        _write_json(record_json, record)
     return record
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: int, noise_std: float) -> torch.Tensor:
@@ -273,7 +287,7 @@ def train_classifier(
     config: dict | None = None,
     seed: int | None = None,
     work_dir: str | os.PathLike = "out/train_classifier",
-    output_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike = CLASSIFIER_OUTPUT_DIR,
     progress: bool = True,
 ) -> dict:
     """Train the digits classifier whose penultimate features define FD-digits.
@@ -281,7 +295,8 @@ def train_classifier(
     Trains :class:`fewstep.models.classifier.DigitsClassifier` with cross-entropy on the train
     split (random 1-pixel shifts and small Gaussian noise as augmentation), then writes
     ``digits_classifier.safetensors`` and ``digits_classifier.json`` (architecture config, training
-    config, seed, held-out test accuracy) to ``output_dir`` (default: the package ``weights/``).
+    config, seed, held-out test accuracy) to ``output_dir`` (default ``out/classifier``; pass
+    :data:`WEIGHTS_DIR` to replace the shipped classifier), as one unit.
     Resumable from ``work_dir/checkpoint.pt`` at epoch granularity. Returns the JSON record.
     """
     from safetensors.torch import save_file
@@ -296,7 +311,8 @@ def train_classifier(
         raise ValueError(f"epochs must be >= 1, got {cfg['epochs']}")
     torch.set_num_threads(int(cfg["num_threads"]))
     work_dir = Path(work_dir)
-    output_dir = Path(output_dir) if output_dir is not None else WEIGHTS_DIR
+    output_dir = check_output_dir(CLASSIFIER_OUTPUT_DIR if output_dir is None else output_dir, "output_dir")
+    check_output_dir(work_dir, "work_dir")
     ckpt_path = work_dir / "checkpoint.pt"
 
     x_train, y_train = load_digits_split("train")
@@ -335,9 +351,6 @@ def train_classifier(
     with torch.no_grad():
         test_acc = float((model(x_test).argmax(1) == y_test).float().mean())
         train_acc = float((model(x_train).argmax(1) == y_train).float().mean())
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(output_dir / "digits_classifier.safetensors"))
     record = {
         "architecture": arch,
         "config": cfg,
@@ -348,5 +361,7 @@ def train_classifier(
         "wall_time_s": round(time.time() - t0, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
-    (output_dir / "digits_classifier.json").write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_paths(output_dir / "digits_classifier.safetensors", output_dir / "digits_classifier.json") as (w, j):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(w))
+        _write_json(j, record)
     return record

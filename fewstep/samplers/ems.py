@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .._imports import moved_names
+from .._io import atomic_paths
 from ..models import shipped_file
 from ..schedule import NoiseSchedule
 
@@ -241,10 +242,10 @@ class EMS:
         meta = dict(jsonable(self.metadata))
         meta["format"] = EMS_FORMAT
         text = json.dumps(meta, sort_keys=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        # the tensors and their readable sidecar as one unit: both complete, then renamed
+        with atomic_paths(path, path.with_suffix(".json")) as (tmp, tmp_json):
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
+            tmp_json.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -254,15 +255,24 @@ class EMS:
         from safetensors import safe_open
 
         path = resolve_ems_path(path)
-        with safe_open(str(path), framework="pt") as fh:
-            meta_text = (fh.metadata() or {}).get(METADATA_KEY)
-            if meta_text is None:
-                raise ValueError(f"{path} is not a fewstep EMS file (no {METADATA_KEY!r} metadata)")
-            t = {k: fh.get_tensor(k) for k in fh.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta_text = (fh.metadata() or {}).get(METADATA_KEY)
+                t = {k: fh.get_tensor(k) for k in fh.keys()} if meta_text is not None else {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ...
+            raise ValueError(f"EMS file {str(path)!r} is unreadable (corrupt or truncated: {err}); delete it and "
+                             "recompute it with 'fewstep ems', or copy it again") from err
+        if meta_text is None:
+            raise ValueError(f"{path} is not a fewstep EMS file (no {METADATA_KEY!r} metadata)")
         for k in ("lambdas", "timesteps", "l", "s", "b"):
             if k not in t:
                 raise ValueError(f"{path} lacks the tensor {k!r}")
-        meta = json.loads(meta_text)
+        try:
+            meta = json.loads(meta_text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"EMS file {str(path)!r}: its {METADATA_KEY!r} metadata is not valid JSON "
+                             f"(line {err.lineno}, column {err.colno}: {err.msg}); recompute it with 'fewstep ems'") \
+                from None
         return cls(t["lambdas"].numpy(), t["timesteps"].numpy(), t["l"].numpy(), t["s"].numpy(), t["b"].numpy(),
                    l_d=t["l_d"].numpy() if "l_d" in t else None, metadata=meta)
 

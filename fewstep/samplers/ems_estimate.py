@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._io import atomic_path, read_checkpoint
 from ..schedule import NoiseSchedule, to_x0_eps
 from .ems import EMS, jsonable, lambda_grid
 
@@ -228,8 +229,8 @@ class _RunState:
             if world > 1:
                 self.path = self.path.with_name(f"{self.path.name}.rank{rank}")
             if self.path.exists():
-                saved = torch.load(self.path, map_location="cpu", weights_only=False)
-                if saved.get("settings") != settings:
+                saved = read_checkpoint(self.path, lambda f: torch.load(f, map_location="cpu", weights_only=False))
+                if not isinstance(saved, dict) or saved.get("settings") != settings:
                     raise ValueError(f"checkpoint {str(self.path)!r} was written with different settings; delete it "
                                      "or pass another checkpoint path")
                 self.data = saved
@@ -245,9 +246,8 @@ class _RunState:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(self.data, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(self.data, tmp)
 
 
 class _Shards:

@@ -135,6 +135,9 @@ SCHEDULERS: tuple[SchedulerEntry, ...] = (
     SchedulerEntry("ghvb-ab-karras", _MOM, "GHVB 3.5 on variable-step Adams-Bashforth weights and Karras sigmas "
                    "(SD-like schedules at high CFG)",
                    {"method": "ghvb", "base": "ab", "momentum_number": 3.5, "beta": None, "use_karras_sigmas": True}),
+    SchedulerEntry("consistency", "fewstep.distill.consistency.ConsistencyScheduler",
+                   "multistep consistency sampler of distilled students (digits-cd, digits-lcm): 1-N steps, "
+                   "one evaluation each"),
     SchedulerEntry("dpm-v3", "fewstep.samplers.DPMSolverV3Scheduler",
                    "DPM-Solver-v3 (order 2 + corrector) with empirical model statistics "
                    "(--scheduler-config ems=PATH|digits)", {"solver_order": 2}),
