@@ -104,6 +104,22 @@ def make_rows(config: dict, ems, degenerated: bool) -> dict[str, tuple[str, call
     # the same solver without EMS (l=1, s=0, b=0): what the statistics themselves contribute
     rows["v3 o3 trailing no-EMS"] = ("v3 without EMS", lambda: DPMSolverV3Scheduler.from_config(
         config, degenerated=True, solver_order=3, timestep_spacing="trailing"))
+    rows["v3 o2 trailing no-EMS"] = ("v3 without EMS", lambda: DPMSolverV3Scheduler.from_config(
+        config, degenerated=True, solver_order=2, timestep_spacing="trailing"))
+    # v3's defaults (what from_config(pipe.scheduler.config, ems=...) gives: time_power_zero 1.5, order 3,
+    # corrector), the same without EMS, and the time_power_zero family (issue 10, docs/dpm-v3.md)
+    if not degenerated:
+        rows["v3 default"] = ("v3", lambda: DPMSolverV3Scheduler.from_config(config, ems=ems))
+    rows["v3 default no-EMS"] = ("v3 without EMS", lambda: DPMSolverV3Scheduler.from_config(
+        config, degenerated=True, round_timesteps=False))
+    for p in (1.0, 1.5, 2.0):
+        for o in (2, 3):
+            kw = dict(solver_order=o, timestep_spacing="time_power_zero", timestep_power=p)
+            if not degenerated:
+                rows[f"v3 o{o} tpz{p:g}"] = ("v3", lambda kw=kw: DPMSolverV3Scheduler.from_config(
+                    config, ems=ems, **kw))
+            rows[f"v3 o{o} tpz{p:g} no-EMS"] = ("v3 without EMS", lambda kw=kw: DPMSolverV3Scheduler.from_config(
+                config, degenerated=True, round_timesteps=False, **kw))
     # the searched grids, with v3 and with the other solvers on exactly the same (EMS-snapped) points:
     # v3 vs DPM++ / UniPC on one grid separates the solver's gain from the grid's
     if degenerated:
@@ -225,8 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--allow-degenerated", action="store_true",
                     help="run the v3 rows degenerated (no EMS) when the EMS file is missing (dry runs only)")
     ap.add_argument("--only", nargs="*", default=None, help="substrings of row names to run (default: all)")
+    ap.add_argument("--ems", nargs="*", default=[], metavar="W=PATH",
+                    help="EMS file per guidance scale instead of the shipped set, e.g. 1=/tmp/ems.safetensors")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    ems_override = dict(item.split("=", 1) for item in args.ems)
     if args.n < 10 or args.n % 10:
         raise ValueError(f"--n must be a positive multiple of 10, got {args.n}")
     torch.set_num_threads(args.threads)
@@ -275,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.setdefault("guidance", {})
     for w in args.guidance:
         t_w = time.perf_counter()
-        ems_name = EMS_FOR.get(float(w))
+        ems_name = ems_override.get(f"{w:g}", EMS_FOR.get(float(w)))
         degenerated = False
         ems_meta = None
         try:
@@ -415,6 +434,13 @@ def summarize(entry: dict, nfes: list[int]) -> None:
         if f"{V3_TUNED} no-EMS" in rows:
             s["ratio v3 tuned / same without EMS (rmse)"] = [
                 r[i] / rows[f"{V3_TUNED} no-EMS"]["rmse"][i] for i in range(len(nfes))]
+    if "v3 default" in rows:  # what from_config(config, ems=...) gives (docs/dpm-v3.md)
+        d = rows["v3 default"]["rmse"]
+        s["ratio v3 default / best diffusers (rmse)"] = [d[i] / bd[i] for i in range(len(nfes))]
+    # issue 10: what the EMS contribute, each v3 row against the same solver and grid without EMS
+    s["EMS gain: v3 / same without EMS (rmse)"] = {
+        k: [rows[k]["rmse"][i] / rows[f"{k} no-EMS"]["rmse"][i] for i in range(len(nfes))]
+        for k in rows if f"{k} no-EMS" in rows}
     entry["summary"] = s
 
 
@@ -445,6 +471,11 @@ def print_tables(w: float, entry: dict, nfes: list[int], n: int) -> None:
             for k in s:
                 if k.startswith("ratio v3 tuned"):
                     print(f"| {k[len('ratio '):-len(' (rmse)')]} | " + " | ".join(f"{v:.3f}" for v in s[k]) + " |")
+            if "ratio v3 default / best diffusers (rmse)" in s:
+                print("| v3 default / best diffusers | "
+                      + " | ".join(f"{v:.3f}" for v in s["ratio v3 default / best diffusers (rmse)"]) + " |")
+            for k, v in s.get("EMS gain: v3 / same without EMS (rmse)", {}).items():
+                print(f"| {k} / {k} no-EMS | " + " | ".join(f"{x:.3f}" for x in v) + " |")
             print("| best v3 / best diffusers | "
                   + " | ".join(f"{v:.3f}" for v in s["ratio best v3 / best diffusers (rmse)"]) + " |")
     print()

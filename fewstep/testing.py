@@ -14,6 +14,10 @@ with ``sigma(t) = t``), which :func:`reference_solve` integrates in float64 with
 
 Components are assigned to classes for a class-conditional model; ``c = None`` (or the null class
 ``-1``) is the unconditional mixture over all components.
+
+:func:`mixture_ems` gives DPM-Solver-v3's empirical model statistics of a mixture from the closed-form
+Jacobian diagonal and automatic differentiation in ``lambda`` (an independent reference for
+:func:`fewstep.samplers.compute_ems`, which uses JVPs, Hutchinson probes and finite differences).
 """
 
 from __future__ import annotations
@@ -193,3 +197,75 @@ def reference_solve(
     if not sol.success:  # pragma: no cover - scipy failure is an environment problem
         raise RuntimeError(f"reference ODE solve failed: {sol.message}")
     return torch.from_numpy(sol.y[:, -1]).reshape(shape)
+
+
+def _eps_and_l(mixture: GaussianMixture, y: torch.Tensor, lam: torch.Tensor):
+    """``eps(y, lambda)`` and ``l = sigma * diag(d eps / dx)`` of the unconditional mixture, rows of
+    ``y`` (B, D) at ``lam`` (B,), float64. With ``s = e^{-lambda}``, ``m_k = (y - mu_k) / (v_k + s^2)``
+    and responsibilities ``g_k``: ``eps = s sum_k g_k m_k`` and (``dx = alpha dy``)
+    ``l = s^2 (E_g[1 / (v + s^2)] - Var_g[m])`` per dimension (``d g_k / dy = -g_k (m_k - E_g m)``)."""
+    s = torch.exp(-lam).reshape(-1, 1, 1)
+    mu, v = mixture.means.double()[None], mixture.variances.double()[None]
+    var = v + s**2
+    diff = y[:, None, :] - mu
+    logp = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(mixture.weights.double())[None]
+    g = torch.softmax(logp, dim=1)[:, :, None]
+    m = diff / var
+    e_m = (g * m).sum(1)
+    eps = s[:, 0] * e_m
+    l = s[:, 0] ** 2 * ((g / var).sum(1) - ((g * m * m).sum(1) - e_m**2))  # noqa: E741 (paper notation)
+    return eps, l
+
+
+def mixture_ems(mixture: GaussianMixture, schedule: NoiseSchedule, num_grid: int, num_samples: int,
+                seed: int = 0, t_range=None, chunk_rows: int = 2048):
+    """DPM-Solver-v3's EMS (paper Eq. 7-8, 58-61) of the unconditional ``mixture``, for testing.
+
+    One set of ``num_samples`` draws ``(x0, z)`` is used at every grid point (``y = x0 + e^{-lambda} z``),
+    so the Monte-Carlo error is a smooth function of ``lambda``; ``l`` uses the closed-form Jacobian
+    diagonal (no Hutchinson probes), ``dl/dlambda`` and ``eps^(1) = d eps/dlambda`` along the ODE
+    (``dy/dlambda = -e^{-lambda} eps``) are exact forward-mode derivatives (no finite differences).
+    ``s = Cov(f, f^(1)) / Var(f)``, ``b = E f^(1) - s E f`` with ``f = e^{-lambda} eps - l y``
+    (``s = 0`` where ``f`` is deterministic, e.g. a single Gaussian, for which these EMS are exact:
+    ``l = 1 / (1 + v e^{2 lambda})``, ``s = 0``, ``b = -(dl/dlambda) mu``). Returns an
+    :class:`fewstep.samplers.EMS` on :func:`fewstep.samplers.ems.lambda_grid`'s grid."""
+    from .samplers.ems import EMS, lambda_grid
+
+    lam, ts = lambda_grid(schedule, num_grid, t_range)
+    gen = torch.Generator().manual_seed(int(seed))
+    x0 = mixture.sample(int(num_samples), generator=gen)
+    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    k = x0.shape[0]
+    per = max(1, chunk_rows // k)
+    out = {name: np.zeros((len(lam), mixture.dim)) for name in ("l", "l_d", "f", "f1", "ff", "ff1")}
+
+    def l_of(lam_rows):
+        y = x0.repeat(len(lam_rows) // k, 1) + torch.exp(-lam_rows)[:, None] * z.repeat(len(lam_rows) // k, 1)
+        return _eps_and_l(mixture, y, lam_rows)[1]
+
+    def eps_of(y, lam_rows):
+        return _eps_and_l(mixture, y, lam_rows)[0]
+
+    for j0 in range(0, len(lam), per):
+        idx = np.arange(j0, min(len(lam), j0 + per))
+        lam_rows = torch.from_numpy(np.repeat(lam[idx], k))
+        l_rows, ld_rows = torch.func.jvp(l_of, (lam_rows,), (torch.ones_like(lam_rows),))
+        mean = lambda u: u.reshape(len(idx), k, -1).mean(1)  # noqa: E731
+        l_m, ld_m = mean(l_rows), mean(ld_rows)
+        s = torch.exp(-lam_rows)[:, None]
+        y = x0.repeat(len(idx), 1) + s * z.repeat(len(idx), 1)
+        eps = eps_of(y, lam_rows)
+        _, eps1 = torch.func.jvp(eps_of, (y, lam_rows), (-s * eps, torch.ones_like(lam_rows)))
+        l_r, ld_r = l_m.repeat_interleave(k, 0), ld_m.repeat_interleave(k, 0)
+        f = s * eps - l_r * y
+        f1 = s * ((l_r - 1.0) * eps + eps1) - ld_r * y
+        for name, val in (("l", l_m), ("l_d", ld_m), ("f", mean(f)), ("f1", mean(f1)), ("ff", mean(f * f)),
+                          ("ff1", mean(f * f1))):
+            out[name][idx] = val.numpy()
+    var = out["ff"] - out["f"] ** 2
+    cov = out["ff1"] - out["f"] * out["f1"]
+    fixed = var <= 1e-12 * np.maximum(out["ff"], 1e-300)
+    s_arr = np.where(fixed, 0.0, cov / np.where(fixed, 1.0, var))
+    b_arr = out["f1"] - s_arr * out["f"]
+    meta = {"num_grid": int(num_grid), "num_samples": k, "seed": int(seed), "model_id": "mixture_ems (exact Jacobian)"}
+    return EMS(lam, ts, out["l"], s_arr, b_arr, l_d=out["l_d"], metadata=meta)

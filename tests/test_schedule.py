@@ -119,6 +119,25 @@ def test_time_power_grid_closed_form_trailing_limit_and_scheduler_key():
         make_grid(NoiseSchedule(kind="edm"), 5, "time_power")
 
 
+def test_time_power_zero_grid_evaluates_both_ends():
+    """``t_i = t_max (1 - i/(n-1))^p``: the first point is ``t_max``, the last ``t = 0`` (so the final
+    step into sigma = 0 starts at the smallest noise level), rounded like other time grids; with
+    ``final_sigma="sigma_min"`` the n + 1 points end on ``t = 0`` without a zero-length step."""
+    sd = NoiseSchedule.from_config(SD)
+    g = make_grid(sd, 5, "time_power_zero", power=1.5, round_timesteps=False)
+    np.testing.assert_allclose(g.timesteps, 999 * (1 - np.arange(5) / 4) ** 1.5, rtol=1e-12)
+    assert g.timesteps[0] == 999 and g.timesteps[-1] == 0 and g.sigmas[-1] == 0.0
+    np.testing.assert_allclose(g.sigmas[:-1], sd.sigma(g.timesteps), rtol=1e-12)
+    np.testing.assert_array_equal(make_grid(sd, 5, "time_power_zero", power=1.0).timesteps,
+                                  np.round(np.linspace(999, 0, 5)))
+    np.testing.assert_array_equal(make_grid(sd, 1, "time_power_zero").timesteps, [999])
+    m = make_grid(sd, 4, "time_power_zero", power=2.0, final_sigma="sigma_min", round_timesteps=False)
+    np.testing.assert_allclose(m.timesteps, 999 * (1 - np.arange(4) / 4) ** 2, rtol=1e-12)
+    assert m.sigmas[-1] == pytest.approx(float(sd.sigma(0.0)))
+    with pytest.raises(ValueError, match="time_power_zero"):
+        make_grid(NoiseSchedule(kind="edm"), 5, "time_power_zero")
+
+
 def test_explicit_timesteps_and_sigmas():
     sched = NoiseSchedule.from_config(SD)
     g = make_grid(sched, timesteps=[999, 600, 200, 10])

@@ -14,7 +14,7 @@ import numpy as np
 from diffusers.configuration_utils import register_to_config
 
 from .._imports import moved_names
-from ..schedule import Grid
+from ..schedule import Grid, NoiseSchedule
 from .dpm_v3_update import ClosedFormCoefficients, EMSCoefficients, V3Point, v3_update
 from .ems import EMS, resolve_ems_path
 from .scheduler import FewstepScheduler
@@ -22,6 +22,18 @@ from .scheduler import FewstepScheduler
 MAX_REFINE = 16  # finest interpolation of an EMS grid for sampling grids finer than it
 EMS_FILENAME = "ems.safetensors"
 HALF_REGIONS = ("noisy", "clean")
+# defaults measured on exact Gaussian mixtures and the digits teacher (docs/dpm-v3.md,
+# benchmarks/dpm_v3_consistency.py): a time grid with both ends evaluated, bent towards the data
+DEFAULT_GRID = "time_power_zero"  # discrete VP schedules
+DEFAULT_GRID_OTHER = "logsnr"  # flow-matching schedules (the time_power grids are discrete-VP only)
+DEFAULT_POWER = 1.5
+DEFAULT_ORDER = 3
+# keys of another scheduler's config that state *its* solver and step grid: from_config leaves them
+# out (v3's own defaults apply) unless they are passed explicitly
+SOLVER_KEYS = {"solver_order": DEFAULT_ORDER, "timestep_spacing": None, "timestep_power": DEFAULT_POWER,
+               "use_karras_sigmas": False, "use_lu_lambdas": False, "use_exponential_sigmas": False,
+               "use_beta_sigmas": False, "steps_offset": 0, "karras_rho": 7.0}
+V3_ONLY_KEYS = ("degenerated", "predictor_pseudo", "half_region")  # present in every v3 config
 
 
 def snap_to_ems(ems: EMS, lambdas: np.ndarray, t_of_lambda, num_points: int) -> tuple[EMS, np.ndarray]:
@@ -76,7 +88,9 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     supports_renoise = True
     ignore_for_config = ["ems"]
     # None: exact float model times when EMS are loaded, diffusers' integer rounding without (set_ems)
-    _config_overrides = {"round_timesteps": None}
+    # v3's own defaults (docs/dpm-v3.md, "Defaults"): its grid is chosen per schedule kind in __init__
+    _config_overrides = {"round_timesteps": None, "timestep_spacing": None, "timestep_power": DEFAULT_POWER,
+                         "solver_order": DEFAULT_ORDER}
 
     @register_to_config
     def __init__(
@@ -86,7 +100,7 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        solver_order: int = 2,
+        solver_order: int = DEFAULT_ORDER,
         prediction_type: str = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
@@ -108,13 +122,13 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         final_sigmas_type: str = "zero",
         lambda_min_clipped: float = -float("inf"),
         variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
+        timestep_spacing: str | None = None,
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
         karras_rho: float = 7.0,
-        timestep_power: float = 2.0,
+        timestep_power: float = DEFAULT_POWER,
         round_timesteps: bool | None = None,
         check_finite: bool = True,
         ems=None,
@@ -126,6 +140,9 @@ class DPMSolverV3Scheduler(FewstepScheduler):
         self._round_auto = round_timesteps is None
         if self._round_auto:
             self.register_to_config(round_timesteps=True)
+        if timestep_spacing is None:  # v3's default grid for this kind of schedule
+            vp = not use_flow_sigmas and NoiseSchedule.from_config(dict(self.config)).kind == "discrete"
+            self.register_to_config(timestep_spacing=DEFAULT_GRID if vp else DEFAULT_GRID_OTHER)
         self._setup()
         if ems is None and ems_file is not None and not degenerated:
             ems = ems_file
@@ -135,7 +152,15 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     # ---------------------------------------------------------------------- EMS handling
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, ems=None, **kwargs):
-        """diffusers' ``from_config`` plus ``ems=`` (an :class:`EMS`, a path or a shipped name)."""
+        """diffusers' ``from_config`` plus ``ems=`` (an :class:`EMS`, a path or a shipped name).
+
+        From another scheduler's config (e.g. ``pipe.scheduler.config``) v3 reads the noise
+        schedule and prediction type but not that scheduler's solver order and step grid
+        (``solver_order``, ``timestep_spacing``, ``use_karras_sigmas``, ... in :data:`SOLVER_KEYS`):
+        those stay at v3's defaults unless passed here. A v3 config keeps all of its keys."""
+        if config is not None and not any(k in config for k in V3_ONLY_KEYS):
+            for key, value in SOLVER_KEYS.items():
+                kwargs.setdefault(key, value)
         with warnings.catch_warnings():
             if ems is not None:  # attached right below; no "no EMS" warning from __init__
                 warnings.simplefilter("ignore", UserWarning)

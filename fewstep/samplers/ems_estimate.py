@@ -175,32 +175,36 @@ class _Problem:
         """Grid indices in groups of ``chunk`` (one model call covers a group times a batch)."""
         n_pts = len(self.lam)
         for j0 in range(0, n_pts, self.chunk):
-            yield j0, np.arange(j0, min(n_pts, j0 + self.chunk))
+            yield np.arange(j0, min(n_pts, j0 + self.chunk))
 
     def rows(self, arr, idx, b):
         """Per-row ``(G*B,)`` values of grid quantity ``arr`` at grid indices ``idx``."""
         return torch.from_numpy(np.repeat(arr[idx], b)).to(device=self.device, dtype=self.dtype)
 
-    def draws(self, pass_no: int, bi: int, j0: int, rows: int):
-        """The random numbers of ``rows`` (grid point, sample) pairs of batch ``bi`` at grid chunk ``j0``:
-        the noise ``z`` and, in pass 1, the Rademacher probe ``v`` (else None), from a generator
-        seeded by (seed, pass, batch, chunk). Every draw of a run is made here."""
-        gen = torch.Generator().manual_seed(_seed(self.seed, pass_no, bi, j0))
-        z = torch.randn((rows,) + self.shape, generator=gen, dtype=torch.float64)
-        if pass_no != 1:
-            return z, None
-        return z, torch.randint(0, 2, (rows,) + self.shape, generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+    def draws(self, bi: int, b: int):
+        """The random numbers of batch ``bi`` (``b`` samples): one noise ``z`` and one Rademacher probe
+        ``v`` per data sample, from a generator seeded by (seed, batch), used at *every* grid point and
+        in both passes (common random numbers). The Monte-Carlo error of ``l, s, b`` is then a smooth
+        function of lambda; independent draws per grid point made the statistics rough in lambda and
+        v3's error stopped falling with the number of steps (issue 10, docs/dpm-v3.md). Every draw of
+        a run is made here."""
+        gen = torch.Generator().manual_seed(_seed(self.seed, bi))
+        z = torch.randn((b,) + self.shape, generator=gen, dtype=torch.float64)
+        v = torch.randint(0, 2, (b,) + self.shape, generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+        return z, v
 
-    def noised(self, bi: int, j0: int, idx, pass_no: int):
-        """Batch ``bi`` forward-noised to the grid points ``idx`` (grid-point major rows):
-        ``(x, c, t, alpha, sigma, v, b)`` with the pass-1 probes ``v`` (see :meth:`draws`)."""
+    def noised(self, bi: int, idx):
+        """Batch ``bi`` forward-noised to the grid points ``idx`` (grid-point major rows,
+        ``x = alpha x0 + sigma z`` with the batch's common ``z``): ``(x, c, t, alpha, sigma, v, b)``
+        with the probes ``v`` repeated like ``x`` (see :meth:`draws`)."""
         lo, hi = bi * self.batch_size, min(len(self.x_data), (bi + 1) * self.batch_size)
         x0 = self.x_data[lo:hi]
         c = self.cond if self.labels is None else self.labels[lo:hi]
         b, g = x0.shape[0], len(idx)
-        z, v = self.draws(pass_no, bi, j0, g * b)
+        rep = (g,) + (1,) * len(self.shape)
+        z, v = (u.repeat(rep) for u in self.draws(bi, b))
         a_r, s_r, t_r = self.rows(self.alphas, idx, b), self.rows(self.sigmas, idx, b), self.rows(self.ts, idx, b)
-        x = _bcast(a_r.double(), z) * x0.repeat((g,) + (1,) * len(self.shape)) + _bcast(s_r.double(), z) * z
+        x = _bcast(a_r.double(), z) * x0.repeat(rep) + _bcast(s_r.double(), z) * z
         cc = _repeat_cond(c, b, g)
         if isinstance(cc, torch.Tensor):
             cc = cc.to(self.device)
@@ -267,8 +271,8 @@ class _Shards:
 def _pass1_batch(pb: _Problem, bi: int, state: _RunState, tick: Callable[[], None]) -> None:
     """Pass 1 on batch ``bi``: ``sum_l += sigma (d eps/dx v) * v`` with Rademacher probes ``v``
     (Hutchinson's diagonal estimator of ``l* = E[diag(sigma d eps/dx)]``, paper Eq. 58)."""
-    for j0, idx in pb.chunks():
-        x, cc, t_r, a_r, s_r, v, b = pb.noised(bi, j0, idx, 1)
+    for idx in pb.chunks():
+        x, cc, t_r, a_r, s_r, v, b = pb.noised(bi, idx)
         g = len(idx)
         x, v = x.to(device=pb.device, dtype=pb.dtype), v.to(device=pb.device, dtype=pb.dtype)
         with torch.no_grad():
@@ -301,8 +305,8 @@ def _pass2_batch(pb: _Problem, bi: int, state: _RunState, tick: Callable[[], Non
     ``f^(1) = e^{-lambda}((l - 1) eps + eps^(1)) - (dl/dlambda) y`` along the ODE, ``f^2`` and
     ``f f^(1)`` (for ``s = Cov(f, f^(1))/Var(f)``, ``b = E[f^(1)] - s E[f]``, paper Eq. 60-61)."""
     l_arr, ld_arr = state["l"], state["l_d"]
-    for j0, idx in pb.chunks():
-        x, cc, t_r, a_r, s_r, _, b = pb.noised(bi, j0, idx, 2)
+    for idx in pb.chunks():
+        x, cc, t_r, a_r, s_r, _, b = pb.noised(bi, idx)
         g = len(idx)
         x = x.to(device=pb.device, dtype=pb.dtype)
         lam_r = np.repeat(pb.lam[idx], b)
@@ -350,7 +354,7 @@ def compute_ems(
     model: Callable,
     scheduler_config: Mapping[str, Any],
     data,
-    num_grid: int = 1200,
+    num_grid: int = 200,
     num_samples: int | None = None,
     batch_size: int = 256,
     t_range: tuple[float, float] | None = None,
@@ -359,7 +363,7 @@ def compute_ems(
     guidance_scale: float | None = None,
     prediction_type: str | None = None,
     pairs_per_call: int = 4096,
-    smoothing_window: int = 5,
+    smoothing_window: int = 0,
     fd_step: float = 1e-3,
     jvp_mode: str = "auto",
     seed: int = 0,
@@ -384,7 +388,10 @@ def compute_ems(
             iterable of tensors or ``(x, labels)`` batches, or a callable ``data(n, generator)``
             returning ``n`` samples (e.g. model samples at the target guidance scale, as the paper
             does for Stable Diffusion, App. D.5).
-        num_grid: number of lambda intervals ``N`` (paper: 1200 for pixel models, 120-250 latent).
+        num_grid: number of lambda intervals ``N`` (paper: 1200 for pixel models, 120-250 latent). With
+            common random numbers N = 200 measured as N = 400 on exact mixtures (N = 100 loses 10-25% at
+            15-30 steps, N = 50 levels off); ``K = 512`` to ``8192`` samples gave the same errors
+            (docs/dpm-v3.md, "Defaults").
         num_samples: ``K``, samples used (default: all of ``data``).
         batch_size: data samples per batch (the unit of checkpointing and sharding).
         t_range: ``(t_min, t_max)`` training-scale times of the grid ends (default: the schedule's).
@@ -393,13 +400,18 @@ def compute_ems(
             raw output; ``None`` or 1: conditional model only). EMS depend on the scale
             (paper App. J.2).
         pairs_per_call: (sample, grid point) pairs evaluated in one model call.
-        smoothing_window: half-width of the moving average applied to ``dl/dlambda``.
+        smoothing_window: half-width (in grid points) of the moving average applied to ``dl/dlambda``
+            (the paper and official code: 5). 0 by default: with common random numbers ``l`` is smooth
+            in lambda, and a window of +-5 points biases ``b`` where the grid is coarse in lambda (on
+            the DDPM linear schedule at N = 200 it cost 1.6x the error at 15-30 steps; docs/dpm-v3.md).
         fd_step: lambda step of the central difference used for the explicit time dependence
             ``d eps/dlambda |_x`` (the ``x`` dependence uses a JVP). Model times are read through the
             schedule's tables, which forward AD cannot see, hence the difference quotient.
         jvp_mode: ``"auto"`` | ``"forward"`` | ``"backward"`` (see :func:`jvp`).
-        seed: seed of the noise and Rademacher probes (deterministic per batch and grid chunk,
-            so resumed and sharded runs reproduce an uninterrupted single-process run).
+        seed: seed of the noise and Rademacher probes. Each data sample gets one noise ``z`` and one
+            probe ``v``, shared by all grid points (``x_lambda = alpha x0 + sigma z``): the estimates
+            are then smooth functions of lambda, which the solver's order needs (docs/dpm-v3.md).
+            Deterministic per batch, so resumed and sharded runs reproduce an uninterrupted run.
         dtype, device: of the model inputs (accumulators are float64).
         checkpoint: file to save progress to after every batch; an existing one with the same
             settings is resumed.
@@ -439,7 +451,8 @@ def compute_ems(
         "lambda_range": [float(lam[0]), float(lam[-1])], "num_samples": int(k_total), "batch_size": int(batch_size),
         "guidance_scale": None if guidance_scale is None else float(guidance_scale), "prediction_type": ptype,
         "seed": int(seed), "smoothing_window": int(smoothing_window), "fd_step": float(fd_step),
-        "chunk": int(chunk), "model_id": model_id, "conditional": labels is not None or cond is not None,
+        "chunk": int(chunk), "noise": "common", "model_id": model_id,
+        "conditional": labels is not None or cond is not None,
         "data_digest": hashlib.sha256(x_data[: min(k_total, 64)].numpy().tobytes()).hexdigest()[:16],
     }
     state = _RunState(settings, len(lam), pb.shape, checkpoint, shards.rank, shards.world)

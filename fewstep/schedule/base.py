@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ._arrays import as64, check_choice, lib
-from .grids import LAMBDA_SPACINGS, Grid, lambda_spaced_times
+from .grids import LAMBDA_SPACINGS, TIME_POWER_ZERO, Grid, lambda_spaced_times
 from .prediction import PREDICTION_TYPES
 
 #: kind name -> class, filled as the kind classes are defined (:mod:`.kinds`)
@@ -186,6 +186,9 @@ class NoiseSchedule(metaclass=_KindDispatch):
                 t_all = lambda_spaced_times(self, n + 1, spacing, rho)
                 return t_all[:-1], float(t_all[-1]), False
             return lambda_spaced_times(self, n, spacing, rho), None, False
+        if spacing == TIME_POWER_ZERO and final_sigma == "sigma_min":  # its last point is already t = 0
+            t_all = self.uniform_times(n + 1, spacing, steps_offset, power)
+            return t_all[:-1], float(t_all[-1]), True
         return self.uniform_times(n, spacing, steps_offset, power), None, True
 
     def training_grid(self, spacing: str, rho: float) -> Grid:

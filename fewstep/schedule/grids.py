@@ -19,10 +19,13 @@ if TYPE_CHECKING:  # kinds imports this module
     from .kinds import NoiseSchedule
 
 TIME_POWER = "time_power"
+#: ``t_i = t_max (1 - i/(n-1))^power``: both ends evaluated, the last at ``t = 0`` (DPM-Solver-v3's default)
+TIME_POWER_ZERO = "time_power_zero"
+TIME_POWER_SPACINGS = (TIME_POWER, TIME_POWER_ZERO)
 LAMBDA_SPACINGS = ("logsnr", "karras", "exponential", "beta")
 #: the Beta distribution of the ``beta`` spacing (Lee et al. 2024; diffusers' ``use_beta_sigmas``)
 BETA_SPACING_AB = (0.6, 0.6)
-GRID_KINDS = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS + (TIME_POWER,)
+GRID_KINDS = ("linspace", "leading", "trailing") + LAMBDA_SPACINGS + TIME_POWER_SPACINGS
 
 
 @dataclass
@@ -95,7 +98,9 @@ def make_grid(
     adds ``steps_offset``), ``logsnr`` (uniform in lambda), ``karras`` (Karras et al. 2022 Eq. 5 in
     ``sigma/alpha``, exponent ``rho``), ``exponential`` (uniform in ``log(sigma/alpha)``), ``beta``
     (Beta(0.6, 0.6) quantiles in ``sigma/alpha``, Lee et al. 2024), ``time_power``
-    (discrete VP: ``t_i = T (1 - i/n)^power - 1``, ``T = t_max + 1``). Explicit ``timesteps``
+    (discrete VP: ``t_i = T (1 - i/n)^power - 1``, ``T = t_max + 1``), ``time_power_zero`` (discrete VP:
+    ``t_i = t_max (1 - i/(n-1))^power``, both ends evaluated, the last at ``t = 0``, so the final step into
+    ``sigma = 0`` starts at the smallest noise level; DPM-Solver-v3's default, docs/dpm-v3.md). Explicit ``timesteps``
     (training scale) or ``sigmas`` (diffusers' public sigmas; a trailing ``0`` is the end point)
     replace the spacing. ``final_sigma``: end at ``sigma = 0`` (``"zero"``) or at the schedule's
     smallest level (``"sigma_min"``). ``round_timesteps`` (default: on discrete schedules) rounds
@@ -119,7 +124,7 @@ def make_grid(
     if spaced and spacing not in schedule.spacings:
         raise ValueError(f"spacing={spacing!r} is not defined for kind={schedule.kind!r} schedules; allowed: "
                          f"{', '.join(map(repr, schedule.spacings))}")
-    if spaced and spacing == TIME_POWER:
+    if spaced and spacing in TIME_POWER_SPACINGS:
         power = check_power("power", power)
     if round_timesteps is None:
         round_timesteps = schedule.integer_times

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._arrays import as64, interp, lib
 from .base import KINDS, NoiseSchedule
-from .grids import LAMBDA_SPACINGS, TIME_POWER, Grid, check_power, lambda_spaced_times, make_grid
+from .grids import LAMBDA_SPACINGS, TIME_POWER, TIME_POWER_ZERO, Grid, check_power, lambda_spaced_times, make_grid
 from .prediction import EDM_PREDICTION_TYPES, edm_c_noise, edm_preconditioning
 
 
@@ -36,7 +36,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
         "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
     )
-    spacings = ("linspace", "leading", "trailing", TIME_POWER) + LAMBDA_SPACINGS
+    spacings = ("linspace", "leading", "trailing", TIME_POWER, TIME_POWER_ZERO) + LAMBDA_SPACINGS
 
     def __init__(self, alphas_cumprod=None, lambda_min_clipped: float = -math.inf,
                  num_train_timesteps: int | None = None):
@@ -103,8 +103,11 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     def uniform_times(self, n, spacing, steps_offset, power):
         """diffusers' ``linspace``/``leading``/``trailing`` (Lin et al. 2024, Table 2) and
-        ``time_power`` ``t_i = T (1 - i/n)^power - 1`` with ``T = t_max + 1``."""
+        ``time_power`` ``t_i = T (1 - i/n)^power - 1`` with ``T = t_max + 1``, ``time_power_zero``
+        ``t_i = t_max (1 - i/(n-1))^power`` (both ends evaluated)."""
         last = int(self.t_max) + 1  # diffusers' `last_timestep` after lambda_min_clipped
+        if spacing == TIME_POWER_ZERO:
+            return float(self.t_max) * (1.0 - np.arange(n) / max(n - 1, 1)) ** power
         if spacing == TIME_POWER:
             t = last * (1.0 - np.arange(n) / n) ** power - 1.0
             if t[-1] < -1e-9:  # (n^power = last gives t = 0 up to rounding)
