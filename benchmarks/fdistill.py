@@ -264,11 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
               "protocol": __doc__.split("Usage::")[0].strip()}
     result["verdicts"] = verdicts(rows, disback)
     print_tables(result)
+    from fewstep._io import atomic_write_json
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {atomic_write_json(out, result)}")
     return result
 
 

@@ -13,7 +13,7 @@ import torch
 from fewstep.distill import Trainer, resolve_config
 from fewstep.distill.config import load_config_file
 from fewstep.distill.methods import get_method
-from fewstep.distill.methods.distribution import DiscriminatorHead, DisBack, FDistill
+from fewstep.distill.methods.distribution import DisBack, DiscriminatorHead, FDistill
 from fewstep.testing import one_thread
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,7 +48,8 @@ def register(subparsers) -> None:
         "--output; an interrupted run continues with --resume. Multi-GPU: accelerate launch -m "
         "fewstep.apps.cli distill ...",
     )
-    p.add_argument("method", help="distillation method: cd, lcm, lcm-lora, fdistill, disback (checked against the registry)")
+    p.add_argument("method", help="distillation method: cd, lcm, lcm-lora, fdistill, disback (checked against the "
+                   "registry)")
     p.add_argument("--config", default=None, help="recipe JSON (e.g. configs/distill/cd_digits.json)")
     p.add_argument("--output", required=True, help="run directory (config, log, checkpoints, final student)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

@@ -75,7 +75,8 @@ def get_f(name: str) -> FDivergence:
     return F_DIVERGENCES[key]
 
 
-def density_ratio(logit: torch.Tensor, lower: float = 0.1, upper: float = 20.0, logit_clamp: float = 10.0) -> torch.Tensor:
+def density_ratio(logit: torch.Tensor, lower: float = 0.1, upper: float = 20.0,
+                  logit_clamp: float = 10.0) -> torch.Tensor:
     """``r = clip(exp(clamp(logit, +-logit_clamp)), lower, upper)``: the ratio ``p_t / q_t`` read from a
     logistic discriminator's logit (detached; shape of ``logit``)."""
     if not 0 < lower <= 1 <= upper:

@@ -42,7 +42,6 @@ from ..fdiv import (
     RatioBins,
     density_ratio,
     discriminator_loss,
-    f_weights,
     generator_gan_loss,
     get_f,
     matching_gradient,
