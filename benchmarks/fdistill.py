@@ -23,7 +23,7 @@ dropping (recall and intra-class diversity near the teacher's); DisBack ratio <=
 Usage::
 
     python benchmarks/fdistill.py --runs out/runs/fdistill_rkl out/runs/fdistill_js out/runs/fdistill_kl \\
-        out/runs/disback --rkl-run out/runs/fdistill_rkl --disback-run out/runs/disback
+        out/runs/disback --compare out/runs/fdistill_rkl out/runs/disback --horizon 200
     python benchmarks/fdistill.py --runs RUN --n 100 --seeds 0 --out /tmp/f.json     # dry run
 
 Prints markdown tables and verdicts, writes ``benchmarks/results/fdistill.json`` and
@@ -148,17 +148,29 @@ def generator_curve(run: str) -> tuple[list[tuple[int, float]], dict]:
     return pts, cfg
 
 
-def disback_verdict(rkl_run: str, disback_run: str) -> dict:
-    rkl, _ = generator_curve(rkl_run)
-    db, cfg = generator_curve(disback_run)
-    final_rkl = rkl[-1][1]
-    reach = next((it for it, fd in db if fd <= final_rkl and it > 0), None)
-    total = rkl[-1][0]
-    out = {"rkl_final_fd": final_rkl, "rkl_iterations": total, "disback_reaches_at": reach,
-           "disback_final_fd": db[-1][1], "stage1_steps": cfg["method"]["degradation_steps"]}
-    out["ratio"] = None if reach is None else reach / total
-    out["pass"] = reach is not None and reach / total <= TARGET_DISBACK
-    return out
+def disback_verdict(pairs: list[tuple[str, str]], horizon: int | None = None) -> dict:
+    """Per (reverse-KL run, DisBack run) pair of the same seed: the reverse-KL run's fixed-noise FD at
+    generator iteration ``horizon`` (default: its last evaluation), and the first generator iteration
+    at which the DisBack curve is at or below it; the ratio of the two (target <= 0.7), mean and spread
+    over the pairs. A DisBack curve that never gets there counts as ratio None (a miss)."""
+    per = []
+    for rkl_run, db_run in pairs:
+        rkl, _ = generator_curve(rkl_run)
+        db, cfg = generator_curve(db_run)
+        h = horizon if horizon is not None else rkl[-1][0]
+        at = [fd for it, fd in rkl if it == h]
+        if not at:
+            raise ValueError(f"{rkl_run} has no evaluation at generator iteration {h}")
+        reach = next((it for it, fd in db if 0 < it <= h and fd <= at[0]), None)
+        per.append({"rkl_run": rkl_run, "disback_run": db_run, "horizon": h, "rkl_fd_at_horizon": at[0],
+                    "disback_fd_at_horizon": next((fd for it, fd in db if it == h), None),
+                    "disback_reaches_at": reach, "ratio": None if reach is None else reach / h,
+                    "stage1_steps": cfg["method"]["degradation_steps"]})
+    ratios = [p["ratio"] if p["ratio"] is not None else float("inf") for p in per]
+    finite = [r for r in ratios if r != float("inf")]
+    return {"pairs": per, "ratio_mean": statistics.fmean(finite) if len(finite) == len(ratios) else None,
+            "ratio_std": statistics.stdev(finite) if len(finite) == len(ratios) > 1 else None,
+            "pass": all(r <= TARGET_DISBACK for r in ratios)}
 
 
 def plot_curves(runs, out_png: Path) -> None:
@@ -221,6 +233,14 @@ def print_tables(result: dict) -> None:
     for name, r in result["rows"].items():
         print(f"| {name} | {r['f'] or '-'} | {r['nfe']} | {fmt(r['fd'])} | {fmt(r['acc'], 100, 1)} | "
               f"{fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['intra_class_var_ratio'])} |")
+    if result.get("training"):
+        print("\n| run | trainer steps | wall time (min) | peak RSS (MB) | trainable params |")
+        print("|---|---:|---:|---:|---:|")
+        for run, i in result["training"].items():
+            wall = f"{i['wall_time_s'] / 60:.1f}" if i.get("wall_time_s") else "-"
+            mem = (i.get("memory") or {}).get("cpu_max_rss_mb", "-")
+            print(f"| {run} | {i['steps']} | {wall} | {mem} | {sum((i.get('trainable_parameters') or {}).values())} |")
+    print()
     for k, v in result.get("verdicts", {}).items():
         print(f"{'PASS' if v['pass'] else 'MISS'}  {k}: {json.dumps({a: b for a, b in v.items() if a != 'pass'})}")
 
@@ -228,8 +248,10 @@ def print_tables(result: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="training run directories (RUN/final, RUN/log.jsonl)")
-    parser.add_argument("--rkl-run", default=None, help="the reverse-KL run of the DisBack comparison")
-    parser.add_argument("--disback-run", default=None, help="the DisBack run of the comparison")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("RKL_RUN", "DISBACK_RUN"),
+                        help="a reverse-KL run and a DisBack run of the same seed (repeat for more seeds)")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="generator iteration of the reverse-KL FD that DisBack must reach (default: its last)")
     parser.add_argument("--n", type=int, default=1000, help="samples per seed (multiple of 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         real_feats = extractor.embed(x_test).cpu()
     reference = FeatureStats.from_features(real_feats, extractor.meta())
     rows = run_rows(args.runs, args.n, args.seeds, extractor, reference, real_feats, y_test)
-    disback = disback_verdict(args.rkl_run, args.disback_run) if args.rkl_run and args.disback_run else None
+    disback = disback_verdict([tuple(p) for p in args.compare], args.horizon) if args.compare else None
     out = Path(args.out)
     plot_curves(args.runs, out.with_name(out.stem + "_curves.png"))
     training = {}
