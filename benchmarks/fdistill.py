@@ -165,7 +165,7 @@ def disback_verdict(pairs: list[tuple[str, str]], horizon: int | None = None) ->
         per.append({"rkl_run": rkl_run, "disback_run": db_run, "horizon": h, "rkl_fd_at_horizon": at[0],
                     "disback_fd_at_horizon": next((fd for it, fd in db if it == h), None),
                     "disback_reaches_at": reach, "ratio": None if reach is None else reach / h,
-                    "stage1_steps": cfg["method"]["degradation_steps"]})
+                    "stage1_steps": cfg["method"].get("degradation_steps")})
     ratios = [p["ratio"] if p["ratio"] is not None else float("inf") for p in per]
     finite = [r for r in ratios if r != float("inf")]
     return {"pairs": per, "ratio_mean": statistics.fmean(finite) if len(finite) == len(ratios) else None,
