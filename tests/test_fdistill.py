@@ -209,3 +209,24 @@ def test_recipes_resolve(name):
     assert out["export"]["name"] == name
     sd = load_config_file(ROOT / "configs" / "distill" / f"{name}_sd15.json")
     assert sd["model"]["source"] == "pipeline" and sd["method"]["guidance"] > 1
+
+
+@pytest.mark.parametrize("name,method", [("fdistill", "fdistill"), ("disback", "disback")])
+def test_shipped_one_step_students_draw_the_asked_digits(name, method):
+    """The shipped students load offline by name, take one model call per image and draw the class
+    they are asked for (the benchmark measures FD and diversity; this checks the files and wiring)."""
+    from fewstep.eval.fd_digits import load_classifier
+    from fewstep.models import load_digits_pipeline
+    from fewstep.models.students import student_files
+
+    pipe = load_digits_pipeline(student=name)
+    info = json.loads(student_files(name)[1].read_text())
+    assert info["training"]["method"] == method and info["scheduler"]["step_timesteps"] == {"1": [999]}
+    labels = list(range(10)) * 3
+    with one_thread():
+        out = pipe(class_labels=labels, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                   output_type="np")
+        assert out.nfe == 1 and out.images.shape == (30, 8, 8, 1)
+        x = torch.from_numpy(out.images).permute(0, 3, 1, 2) * 2 - 1
+        acc = (load_classifier()(x).argmax(1) == torch.tensor(labels)).float().mean()
+    assert acc >= 0.9
