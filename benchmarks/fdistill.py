@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=1000, help="samples per seed (multiple of 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--curves-only", action="store_true",
+                        help="only the training curves and the DisBack verdict (from the run logs; no sampling)")
     parser.add_argument("--out", default=str(RESULTS / "fdistill.json"))
     args = parser.parse_args(argv)
     if args.n < 10 or args.n % 10:
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         real_feats = extractor.embed(x_test).cpu()
     reference = FeatureStats.from_features(real_feats, extractor.meta())
-    rows = run_rows(args.runs, args.n, args.seeds, extractor, reference, real_feats, y_test)
+    rows = {} if args.curves_only else run_rows(args.runs, args.n, args.seeds, extractor, reference, real_feats,
+                                                y_test)
     disback = disback_verdict([tuple(p) for p in args.compare], args.horizon) if args.compare else None
     out = Path(args.out)
     plot_curves(args.runs, out.with_name(out.stem + "_curves.png"))
