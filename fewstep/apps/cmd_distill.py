@@ -1,7 +1,8 @@
 """``fewstep distill METHOD --config RECIPE --output RUN [--resume]``: distil a teacher into a few-step student.
 
 Methods: ``cd`` (consistency distillation), ``lcm`` (latent consistency model with a guidance
-embedding), ``lcm-lora`` (LCM-LoRA adapters); see docs/distill.md. The recipe (JSON; examples in
+embedding), ``lcm-lora`` (LCM-LoRA adapters); ``fdistill`` and ``disback`` (one-step generators by
+f-divergence distribution matching, docs/fdistill.md); see docs/distill.md. The recipe (JSON; examples in
 ``configs/distill/``) is validated before anything is loaded. Runs under ``accelerate launch`` for
 several processes/GPUs unchanged. Prints the run summary as JSON.
 """
@@ -45,13 +46,14 @@ def register(subparsers) -> None:
     """Add the ``distill`` subcommand."""
     p = subparsers.add_parser(
         "distill",
-        help="distil a teacher into a few-step student (CD, LCM, LCM-LoRA)",
-        description="Train a consistency student from a teacher (the bundled digits teacher or a local "
+        help="distil a teacher into a few-step student (CD, LCM, LCM-LoRA, f-distill, DisBack)",
+        description="Train a consistency or one-step student from a teacher (the bundled digits teacher or a local "
         "diffusers SD/SDXL pipeline folder). Checkpoints, logs, plots and the exported student go to "
         "--output; an interrupted run continues with --resume. Multi-GPU: accelerate launch -m "
         "fewstep.apps.cli distill ...",
     )
-    p.add_argument("method", help="distillation method: cd, lcm, lcm-lora (checked against the registry)")
+    p.add_argument("method", help="distillation method: cd, lcm, lcm-lora, fdistill, disback (checked against the "
+                   "registry)")
     p.add_argument("--config", default=None, help="recipe JSON (e.g. configs/distill/cd_digits.json)")
     p.add_argument("--output", required=True, help="run directory (config, log, checkpoints, final student)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

@@ -242,8 +242,9 @@ def load_digits_pipeline(device: str | torch.device = "cpu", scheduler=None,
     """Load the shipped digits teacher as a :class:`DigitsPipeline`, offline.
 
     ``student``: ``None`` for the teacher, or the name of a shipped distilled student (``"cd"``,
-    ``"lcm"``), returned as a :class:`fewstep.models.students.DigitsStudentPipeline` that is called
-    the same way and samples with the student's own consistency sampler (see
+    ``"lcm"``; the one-step ``"fdistill"``, ``"disback"``), returned as a
+    :class:`fewstep.models.students.DigitsStudentPipeline` that is called the same way and samples
+    with the student's own consistency sampler (see
     :func:`fewstep.models.students.load_digits_student_pipeline` for ``scheduler`` there).
 
     ``scheduler``: ``None`` (diffusers ``DPMSolverMultistepScheduler``, DPM-Solver++(2M), built from

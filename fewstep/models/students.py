@@ -16,6 +16,8 @@
 * Shipped students (``load_digits_pipeline(student=...)``): ``"cd"`` (consistency distillation of
   the teacher's unguided class-conditional ODE; ``guidance_scale`` must be 1) and ``"lcm"`` (LCM
   student with a guidance-scale embedding; ``guidance_scale`` within its training range).
+  ``"fdistill"`` and ``"disback"``: one-step generators by distribution matching (f-distill with
+  Jensen-Shannon, DisBack with reverse KL; docs/fdistill.md), sampled with ``num_inference_steps=1``.
   Files: ``weights/digits_<name>_unet.safetensors`` and ``weights/digits_<name>.json`` (model
   class and config, scheduler config, guidance range and the training record).
 """
@@ -35,7 +37,8 @@ from diffusers.models.embeddings import TimestepEmbedding
 from .adapters import Denoiser
 from .pipeline import WEIGHTS_DIR, DigitsPipeline
 
-STUDENTS = ("cd", "lcm", "cd-lcsc")  # cd-lcsc: LCSC merge of the cd run's checkpoints (docs/lcsc.md)
+# cd-lcsc: LCSC merge of the cd run's checkpoints (docs/lcsc.md); fdistill, disback: docs/fdistill.md
+STUDENTS = ("cd", "lcm", "cd-lcsc", "fdistill", "disback")
 
 
 def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtype=torch.float32) -> torch.Tensor:

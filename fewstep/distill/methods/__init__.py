@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Method, Phase
 from .consistency import LCM, ConsistencyDistillation, LCMLoRA
+from .distribution import DisBack, FDistill
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -23,7 +24,8 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-for _cls in (ConsistencyDistillation, LCM, LCMLoRA):
+for _cls in (ConsistencyDistillation, LCM, LCMLoRA, FDistill, DisBack):
     register_method(_cls)
 
-__all__ = ["METHODS", "Method", "Phase", "register_method", "get_method", "ConsistencyDistillation", "LCM", "LCMLoRA"]
+__all__ = ["METHODS", "Method", "Phase", "register_method", "get_method", "ConsistencyDistillation", "LCM", "LCMLoRA",
+           "FDistill", "DisBack"]
