@@ -228,10 +228,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise ValueError(f"{what}: {p}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
 
 
-def read_checkpoint(path: str | os.PathLike, load) -> Any:
+def read_checkpoint(path: str | os.PathLike, load, advice: str | None = None) -> Any:
     """``load(path)`` for a resume checkpoint; a file that cannot be read (truncated, corrupt, not
-    a checkpoint) is a ``ValueError`` that names it and says to delete it (the run then starts
-    over) instead of the reader's raw error."""
+    a checkpoint) is a ``ValueError`` that names it and says what to do (``advice``; default: delete
+    it, and the run starts over) instead of the reader's raw error."""
     try:
         return load(path)
     except (OSError, MemoryError) as err:
@@ -240,5 +240,6 @@ def read_checkpoint(path: str | os.PathLike, load) -> Any:
         problem = err
     except Exception as err:  # noqa: BLE001 - pickle/zip/torch raise many kinds for a damaged file
         problem = err
+    advice = advice or f"delete it (rm {path}) and rerun to start over"
     raise ValueError(f"checkpoint {str(path)!r} is unreadable (corrupt or truncated: {type(problem).__name__}: "
-                     f"{problem}); delete it (rm {path}) and rerun to start over") from problem
+                     f"{problem}); {advice}") from problem

@@ -237,3 +237,20 @@ def test_saved_files_are_complete(full_run):
     assert cfg["config"]["method"]["name"] == "cd" and "torch" in cfg["versions"]
     assert load_file(str(run / "final" / "digits_cd_unet.safetensors"))
     assert summary["world_size"] == 1
+
+
+def test_damaged_checkpoint_names_the_file_and_the_fix(full_run, tmp_path):
+    """A truncated checkpoint file (a disk filled up, a copy cut short) is a ValueError that names the
+    file and says to delete that checkpoint folder; after that, --resume continues from the previous one."""
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(full_run[0], run)
+    last = latest_resumable(run)
+    f = last.path / "student.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"student\.safetensors.*unreadable.*rm -r .*--resume"):
+        Trainer("cd", tiny(train__steps=8), run, resume=True, progress=False).train()
+    shutil.rmtree(last.path)
+    Trainer("cd", tiny(train__steps=8), run, resume=True, progress=False).train()
+    assert [c.step for c in list_checkpoints(run)][-1] == 8

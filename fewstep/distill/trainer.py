@@ -382,12 +382,21 @@ class Trainer:
     def _load(self, info: ckpt.CheckpointInfo) -> dict:
         from safetensors.torch import load_file
 
+        from .._io import read_checkpoint
+
+        advice = (f"this checkpoint is damaged: delete its folder (rm -r {info.path}) and rerun with --resume "
+                  "to continue from the previous checkpoint (or without --resume in a new --output to start over)")
+
+        def read(name: str):
+            return read_checkpoint(info.path / f"{name}.safetensors",
+                                   lambda f: load_file(str(f), device=str(self.acc.device)), advice)
+
         for name, model in self.raw.items():
-            sd = load_file(str(info.path / f"{name}.safetensors"), device=str(self.acc.device))
-            model.load_state_dict(sd, strict=not any(not p.requires_grad for p in model.parameters()))
+            model.load_state_dict(read(name), strict=not any(not p.requires_grad for p in model.parameters()))
         for name, module in self.method.state_modules().items():
-            module.load_state_dict(load_file(str(info.path / f"{name}.safetensors"), device=str(self.acc.device)))
-        state = torch.load(info.path / "training_state.pt", map_location=self.acc.device, weights_only=False)
+            module.load_state_dict(read(name))
+        state = read_checkpoint(info.path / "training_state.pt",
+                                lambda f: torch.load(f, map_location=self.acc.device, weights_only=False), advice)
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         for k, s in self.schedulers.items():
