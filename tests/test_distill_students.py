@@ -159,3 +159,13 @@ def test_cli_student_errors_name_the_fix(argv, message, tmp_path, capsys):
         rc = main(["sample", *argv, "--steps", "1", "--n", "2", "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_generates_with_a_student():
+    """The demo's model box takes a student name; its consistency sampler gives one evaluation per image."""
+    pytest.importorskip("gradio")
+    from fewstep.apps.demo import run_generate
+
+    with one_thread():
+        items, status = run_generate("digits-cd", "", "0-9", "consistency", 1, "none", "", "", 0, 4)
+    assert len(items) == 4 and "NFE 1</b>" in status
