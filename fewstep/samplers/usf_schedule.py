@@ -36,7 +36,7 @@ MAX_ORDER = 4
 #: the same files are configs/usf/<name with _>.json in the repository
 #: (searched so far: benchmarks/usf_search.py --part ship; its results say which and at what budget)
 SHIPPED = {f"digits{cfg}-nfe{n}": f"usf_digits{cfg.replace('-', '_')}_nfe{n}.json"
-           for cfg, n in (("", 3), ("", 4), ("", 5), ("", 6), ("-cfg2", 5))}
+           for cfg, n in (("", 3), ("", 4), ("", 5), ("", 6), ("", 8), ("-cfg2", 4), ("-cfg2", 5))}
 
 
 def _number(where: str, value, *, integer: bool = False, lo: float | None = None, hi: float | None = None):
