@@ -46,9 +46,14 @@ class Denoiser:
             return torch.full((x.shape[0],), int(c), device=x.device, dtype=torch.long)
         raise TypeError(f"condition must be an int, a tensor of class labels or None, got {type(c).__name__}")
 
+    def _net_kwargs(self, x: torch.Tensor) -> dict:
+        """Extra keywords of one network call on the batch ``x`` (none here; a subclass may add
+        conditioning such as a guidance embedding)."""
+        return {}
+
     def __call__(self, x: torch.Tensor, t, c: Any = None) -> torch.Tensor:
         t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        return self.net(x.to(self.dtype), t_in, class_labels=self._labels(c, x)).sample
+        return self.net(x.to(self.dtype), t_in, class_labels=self._labels(c, x), **self._net_kwargs(x)).sample
 
     def null(self, cond: torch.Tensor | int | None = None):
         """The unconditional condition: the null class for every row of ``cond`` (a tensor of
@@ -72,7 +77,8 @@ class Denoiser:
             return self(x, t, cond), self(x, t, uncond)
         labels = torch.cat([c.expand(b), u.expand(b)])
         t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        out = self.net(torch.cat([x, x]).to(self.dtype), torch.cat([t_in, t_in]), class_labels=labels).sample
+        xx = torch.cat([x, x])
+        out = self.net(xx.to(self.dtype), torch.cat([t_in, t_in]), class_labels=labels, **self._net_kwargs(xx)).sample
         out_c, out_u = out.chunk(2)
         return out_c, out_u
 

@@ -132,14 +132,11 @@ class _StudentModel(Denoiser):
         super().__init__(unet, None)
         self.guidance_scale = guidance_scale
 
-    def __call__(self, x, t, c=None):
+    def _net_kwargs(self, x):
         if self.guidance_scale is None:
-            return super().__call__(x, t, c)
-        b = x.shape[0]
-        t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-        w = torch.full((b,), self.guidance_scale - 1.0, device=x.device)
-        emb = guidance_scale_embedding(w, self.net.config.time_cond_proj_dim).to(self.dtype)
-        return self.net(x.to(self.dtype), t_in, class_labels=self._labels(c, x), timestep_cond=emb).sample
+            return {}
+        w = torch.full((x.shape[0],), self.guidance_scale - 1.0, device=x.device)
+        return {"timestep_cond": guidance_scale_embedding(w, self.net.config.time_cond_proj_dim).to(self.dtype)}
 
 
 class DigitsStudentPipeline(DigitsPipeline):
