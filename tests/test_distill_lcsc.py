@@ -312,6 +312,44 @@ def test_cli_search_of_a_digits_run(tmp_path):
     assert main(["lcsc", "--run", str(run), "--num-samples", "55", "--output", str(tmp_path / "x")]) == 2
 
 
+def test_cli_merges_the_snapshots_of_a_teacher_run(tmp_path):
+    """`fewstep lcsc --run <train-teacher work dir>`: the raw teacher snapshots by default, the run's
+    final/ EMA as the template (a digits teacher sampled with DPM-Solver++), a loadable merged UNet."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from fewstep.apps.cli import main
+    from fewstep.models import train as T
+
+    work = tmp_path / "train"
+    T.train_teacher({"steps": 4, "batch_size": 8, "checkpoint_every": 4, "lr_warmup_steps": 1}, work_dir=work,
+                    output_dir=tmp_path / "teacher", progress=False, snapshot_every=2)
+    refs = lcsc.checkpoint_refs(work)
+    assert [(r.step, r.path.name) for r in refs] == [(2, "teacher.safetensors"), (4, "teacher.safetensors")]
+    assert [r.path.name for r in lcsc.checkpoint_refs(work, weights="teacher_ema")] == ["teacher_ema.safetensors"] * 2
+    template = lcsc.load_template(work)
+    assert template.kind == "digits-teacher"
+    out = tmp_path / "merged"
+    assert main(["lcsc", "--run", str(work), "--alpha", "1.5,-0.5", "--output", str(out)]) == 0
+    a, b = (load_file(str(r.path)) for r in refs)
+    merged = UNet2DModel.from_pretrained(str(out / "unet")).state_dict()
+    for k in ("conv_in.weight", "conv_out.bias"):
+        torch.testing.assert_close(merged[k], 1.5 * a[k] - 0.5 * b[k], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "lcsc.json").read_text())["weights"] == "teacher"
+    with pytest.raises(ValueError, match="hold none of student, teacher"):
+        lcsc.checkpoint_refs(_empty_run(tmp_path / "empty"))
+
+
+def _empty_run(run):
+    from fewstep.distill.checkpoints import commit, save_weights, tmp_dir
+
+    tmp = tmp_dir(run, 1)
+    tmp.mkdir(parents=True)
+    save_weights(tmp / "other.safetensors", {"w": torch.zeros(1)})
+    commit(run, 1, {"step": 1})
+    return run
+
+
 def test_shipped_cd_lcsc_student():
     from fewstep.models import load_digits_pipeline
     from fewstep.models.students import student_files

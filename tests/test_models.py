@@ -248,6 +248,36 @@ def test_train_teacher_resumes_exactly(tmp_path, monkeypatch):
         T.train_teacher({"stepz": 3}, work_dir=tmp_path / "c", progress=False)
 
 
+def test_train_teacher_snapshots_keep_raw_and_ema_weights_without_changing_them(tmp_path):
+    """The LCSC inputs of a teacher run: snapshots every N steps (raw + EMA), the final EMA as a
+    diffusers folder; the trained weights are the same with and without snapshots."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from fewstep.distill.checkpoints import list_checkpoints
+    from fewstep.models import train as T
+
+    cfg = {"steps": 4, "batch_size": 8, "checkpoint_every": 4, "lr_warmup_steps": 1}
+    T.train_teacher(cfg, work_dir=tmp_path / "a", output_dir=tmp_path / "a_out", progress=False, snapshot_every=0)
+    T.train_teacher(cfg, work_dir=tmp_path / "b", output_dir=tmp_path / "b_out", progress=False, snapshot_every=3)
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "a" / "final").exists()
+    wa = load_file(str(tmp_path / "a_out" / "digits_unet.safetensors"))
+    wb = load_file(str(tmp_path / "b_out" / "digits_unet.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    infos = list_checkpoints(tmp_path / "b")
+    assert [c.step for c in infos] == [3, 4]  # every 3 steps and the last one
+    assert infos[-1].models == ["teacher", "teacher_ema"] and infos[-1].meta["kind"] == "digits-teacher"
+    last_ema = load_file(str(infos[-1].path / "teacher_ema.safetensors"))
+    assert all(torch.equal(last_ema[k], wb[k]) for k in wb)
+    raw = [load_file(str(c.path / "teacher.safetensors")) for c in infos]
+    assert not torch.equal(raw[0]["conv_in.weight"], raw[1]["conv_in.weight"])  # trained in between
+    assert not torch.equal(raw[1]["conv_in.weight"], wb["conv_in.weight"])  # raw, not the EMA
+    final = UNet2DModel.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
+    assert all(torch.equal(final[k], wb[k]) for k in wb)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        T.train_teacher(cfg, work_dir=tmp_path / "c", progress=False, snapshot_every=-1)
+
+
 def test_train_classifier_resumes_exactly_and_refuses_other_config(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

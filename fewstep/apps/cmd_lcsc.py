@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     template = lcsc.load_template(args.template or args.run[0], device=device)
     name = args.name or f"{template.name}-lcsc"
     record = {"checkpoints": [{"name": r.name, "path": str(r.path), "step": r.step} for r in refs],
-              "weights": args.weights, "first_fraction": args.first_fraction}
+              "weights": args.weights or (refs[0].path.stem if refs[0].step is not None else None),
+              "first_fraction": args.first_fraction}
     t0 = time.time()
     if args.alpha is not None:
         alpha = _floats(args.alpha, "--alpha")
@@ -99,8 +100,9 @@ def register(subparsers) -> None:
     p.add_argument("--run", action="append", required=True, metavar="PATH",
                    help="checkpoints: a trainer run folder (all its checkpoints), a diffusers model folder or a "
                         ".safetensors file; repeatable, in order")
-    p.add_argument("--weights", default="student", choices=("student", "student_ema", "target"),
-                   help="which weights of each trainer checkpoint to combine")
+    p.add_argument("--weights", default=None, choices=("student", "student_ema", "target", "teacher", "teacher_ema"),
+                   help="which weights of each run checkpoint to combine (default: the raw trained weights, "
+                        "student of a distillation run, teacher of a train-teacher work dir)")
     p.add_argument("--first-fraction", type=float, default=None, metavar="F",
                    help="only checkpoints up to F x the last step (LCSC over the first part of the run)")
     p.add_argument("--template", default=None,

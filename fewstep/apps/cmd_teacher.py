@@ -42,10 +42,15 @@ def _train(args: argparse.Namespace, model: str, override: str) -> int:
         config = {**config, override: getattr(args, override)}
     check_output_dir(args.output_dir, "--output-dir")  # before torch loads and long before the weights exist
     check_output_dir(args.work_dir, "--work-dir")
+    extra = {}
+    if model == "teacher":
+        if args.snapshot_every is not None and args.snapshot_every < 0:
+            raise ValueError(f"--snapshot-every must be >= 0 (0: no snapshots), got {args.snapshot_every}")
+        extra["snapshot_every"] = args.snapshot_every
     from fewstep.models import train
 
     record = getattr(train, f"train_{model}")(config, seed=args.seed, work_dir=args.work_dir,
-                                              output_dir=args.output_dir)
+                                              output_dir=args.output_dir, **extra)
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2))
     return 0
 
@@ -72,6 +77,11 @@ def register(subparsers) -> None:
         p.add_argument("--seed", type=int, default=None, help="override the config seed")
         p.add_argument(f"--{length}", type=int, default=None, help=length_help)
         p.add_argument("--work-dir", default=f"out/train_{model}", help="checkpoint folder (resume)")
+        if model == "teacher":
+            p.add_argument("--snapshot-every", type=int, default=None, metavar="N",
+                           help="keep the raw and EMA weights every N steps in WORK_DIR/checkpoints/ and the final "
+                                "EMA in WORK_DIR/final/ (inputs of `fewstep lcsc --run WORK_DIR`); default: the "
+                                "config's checkpoint_every (500); 0: none")
         p.add_argument("--output-dir", default=OUTPUT_DIRS[model],
                        help="folder the weights, their configs and the training record are written to, as one "
                             "unit; the installed package's weights/ only when named here")

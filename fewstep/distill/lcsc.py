@@ -58,7 +58,11 @@ class CheckpointRef:
     step: int | None = None
 
 
-def _refs_of(item: Path, weights: str) -> list[CheckpointRef]:
+#: the raw trained weights of a run's checkpoints, by kind of run (distillation, teacher training)
+RAW_WEIGHTS = ("student", "teacher")
+
+
+def _refs_of(item: Path, weights: str | None) -> list[CheckpointRef]:
     if item.is_file():
         if item.suffix != ".safetensors":
             raise ValueError(f"checkpoint {item}: a file must be a .safetensors state dict")
@@ -69,6 +73,12 @@ def _refs_of(item: Path, weights: str) -> list[CheckpointRef]:
         infos = list_checkpoints(item)
         if not infos:
             raise ValueError(f"run {item} has no complete checkpoint (checkpoints/step-*/meta.json)")
+        if weights is None:  # the raw weights of whatever the run trained
+            have = [w for w in RAW_WEIGHTS if w in infos[0].models]
+            if not have:
+                raise ValueError(f"run {item}: its checkpoints hold none of {', '.join(RAW_WEIGHTS)} (pass weights=; "
+                                 f"they have: {', '.join(infos[0].models) or 'none'})")
+            weights = have[0]
         out = []
         for c in infos:
             f = c.path / f"{weights}.safetensors"
@@ -84,11 +94,12 @@ def _refs_of(item: Path, weights: str) -> list[CheckpointRef]:
                      f"({DIFFUSERS_WEIGHTS} or unet/{DIFFUSERS_WEIGHTS}) or a .safetensors file")
 
 
-def checkpoint_refs(inputs: str | os.PathLike | Sequence[str | os.PathLike], weights: str = "student",
+def checkpoint_refs(inputs: str | os.PathLike | Sequence[str | os.PathLike], weights: str | None = None,
                     first_fraction: float | None = None) -> list[CheckpointRef]:
     """The checkpoints named by ``inputs`` (one path or a list), in order: a trainer run folder
-    expands to all its checkpoints by step (its ``weights`` file each: ``"student"`` -- the raw
-    trained weights, the paper's choice --, ``"student_ema"`` or ``"target"``); a diffusers model
+    expands to all its checkpoints by step (its ``weights`` file each; default: the raw trained
+    weights, the paper's choice -- ``"student"`` of a distillation run, ``"teacher"`` of a
+    ``fewstep train-teacher`` work dir --, or e.g. ``"student_ema"``, ``"target"``); a diffusers model
     folder or a ``.safetensors`` file is one checkpoint. ``first_fraction``: keep only checkpoints
     with ``step <= first_fraction * (largest step)`` (LCSC over the first part of a run; needs steps)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)

@@ -5,7 +5,10 @@ a seed, train on the ``"train"`` split of :func:`fewstep.models.digits.load_digi
 run single-threaded on CPU by default (``torch.set_num_threads(1)``) so that a rerun with the
 same config and seed reproduces the shipped weights, show a tqdm progress bar, and write a
 checkpoint every ``checkpoint_every`` steps into ``work_dir`` so that an interrupted run resumes
-where it stopped (the checkpoint stores model, EMA, optimiser, step and RNG states).
+where it stopped (the checkpoint stores model, EMA, optimiser, step and RNG states). The teacher
+trainer also keeps weight snapshots along the run (``work_dir/checkpoints/step-NNNNNN/``, the layout
+of :mod:`fewstep.distill.checkpoints`) and the final EMA as a diffusers folder ``work_dir/final/``,
+so ``fewstep lcsc --run work_dir`` can combine them (LCSC on a diffusion model).
 
 Teacher objective: v-prediction (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 and
 App. D): with ``x_t = alpha_t x0 + sigma_t eps`` the network predicts
@@ -168,6 +171,7 @@ def train_teacher(
     work_dir: str | os.PathLike = "out/train_teacher",
     output_dir: str | os.PathLike = TEACHER_OUTPUT_DIR,
     progress: bool = True,
+    snapshot_every: int | None = None,
 ) -> dict:
     """Train the class-conditional v-prediction digits teacher and write its files.
 
@@ -178,7 +182,12 @@ def train_teacher(
     before training) as ``digits_unet.safetensors``, ``digits_unet_config.json`` and
     ``digits_scheduler_config.json``, plus ``digits_teacher_train.json`` (config, seed, final loss,
     wall time), as one unit (all four complete before any is renamed into place, the record last).
-    Pass :data:`WEIGHTS_DIR` to replace the shipped teacher. Returns the record.
+    Pass :data:`WEIGHTS_DIR` to replace the shipped teacher. Every ``snapshot_every`` steps
+    (default ``checkpoint_every``; 0: none) the raw and EMA weights are kept in
+    ``work_dir/checkpoints/step-NNNNNN/`` (``teacher.safetensors``, ``teacher_ema.safetensors``,
+    ``meta.json``), and the final EMA is also written to ``work_dir/final/`` (a diffusers
+    ``UNet2DModel`` folder): the inputs of LCSC (:mod:`fewstep.distill.lcsc`). Snapshots are not part
+    of the config, so they never change the weights. Returns the record.
     """
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
@@ -191,6 +200,9 @@ def train_teacher(
         raise ValueError(f"steps must be >= 1, got {cfg['steps']}")
     if not 0.0 <= cfg["label_dropout"] < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {cfg['label_dropout']}")
+    snapshot_every = cfg["checkpoint_every"] if snapshot_every is None else snapshot_every
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
+        raise ValueError(f"snapshot_every must be an integer >= 0 (0: no snapshots), got {snapshot_every!r}")
     torch.set_num_threads(int(cfg["num_threads"]))
     work_dir = Path(work_dir)
     output_dir = check_output_dir(TEACHER_OUTPUT_DIR if output_dir is None else output_dir, "output_dir")
@@ -242,6 +254,9 @@ def train_teacher(
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         done = step + 1
+        if snapshot_every and (done % snapshot_every == 0 or done == cfg["steps"]):
+            _save_snapshot(work_dir, done, model, ema, loss=sum(losses[-50:]) / len(losses[-50:]),
+                           elapsed=time.time() - t0)
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             _save_checkpoint(ckpt_path, cfg, stateful, gen, step=done, losses=losses, elapsed=time.time() - t0)
     wall = time.time() - t0
@@ -263,7 +278,39 @@ def train_teacher(
         _write_json(unet_json, _json_config(ema.config))
         _write_json(sched_json, sched_cfg)
         _write_json(record_json, record)
+    if snapshot_every:
+        _save_final(work_dir / "final", ema)
     return record
+
+
+def _save_snapshot(work_dir: Path, step: int, model, ema, **meta) -> None:
+    """Keep the raw and EMA weights at ``step`` as a complete run checkpoint (written into a temporary
+    folder, ``meta.json`` last, then renamed: :func:`fewstep.distill.checkpoints.commit`)."""
+    from fewstep.distill.checkpoints import commit, save_weights, tmp_dir
+
+    tmp = tmp_dir(work_dir, step)
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(tmp / "teacher.safetensors", model.state_dict())
+    save_weights(tmp / "teacher_ema.safetensors", ema.state_dict())
+    commit(work_dir, step, {"step": step, "kind": "digits-teacher", **meta})
+
+
+def _save_final(folder: Path, ema) -> None:
+    """The final EMA teacher as a diffusers ``UNet2DModel`` folder (``from_pretrained``-loadable),
+    replaced as a whole."""
+    import shutil
+
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ema.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def _write_json(path: Path, obj) -> None:
