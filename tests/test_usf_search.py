@@ -78,6 +78,22 @@ def test_resume_equals_uninterrupted(tmp_path):
         run_search(problem, _settings(batch=25), budget_evals=70, log_path=tmp_path / "b.json", resume=True)
 
 
+def test_extra_seed_schedules_join_generation_zero(tmp_path):
+    """``seeds=``: a user schedule (here: a previous search's best) is scored with the hand-set seeds,
+    so the search can only end at or below it; a seed of another NFE is refused by name."""
+    problem = mixture_problem(dim=8, seed=1)
+    first = run_search(problem, _settings(), budget_evals=40, log_path=tmp_path / "a.json")
+    res = run_search(problem, _settings(), budget_evals=30, log_path=tmp_path / "b.json",
+                     seeds=[("previous best", first.best)])
+    mine = [c for c in res.candidates if c["origin"] == "seed:previous best"]
+    assert len(mine) == 1 and mine[0]["generation"] == 0 and mine[0]["score"] is not None
+    assert USFSchedule.from_dict(mine[0]["schedule"]).key() == first.best.key()
+    assert res.best_score <= mine[0]["score"]
+    four = run_search(problem, _settings(nfe=4), budget_evals=10, log_path=tmp_path / "c.json").best
+    with pytest.raises(ValueError, match="'four' .*nfe=3"):
+        run_search(problem, _settings(), budget_evals=10, seeds=[("four", four)])
+
+
 def test_seeds_cover_the_hand_set_schedulers_and_mutations_stay_valid():
     import numpy as np
 
@@ -124,6 +140,10 @@ def test_cli_on_a_callable_model(tmp_path, capsys):
         assert main(args + ["--resume", "--budget", "30"]) == 0
         log = json.loads((tmp_path / "best.json.log.json").read_text())
         assert len(log["candidates"]) >= 30
+        again = [*args[:6], str(tmp_path / "again.json"), *args[7:], "--seed-schedule", str(out), "--holdout", "0"]
+        assert main(again) == 0
+        log = json.loads((tmp_path / "again.json.log.json").read_text())
+        assert [c["generation"] for c in log["candidates"] if c["origin"] == f"seed:file:{out}"] == [0]
     finally:
         sys.path.remove(TESTS)
 
@@ -160,7 +180,9 @@ def test_cli_argument_errors_come_before_torch(tmp_path):
         "                  (['search', '--nfe', '5', '--out', 'x.json', '--budget', '5x'], '--budget'),\n"
         "                  (['search', '--nfe', '5', '--out', 'x.json', '--model', 'nowhere'], 'neither'),\n"
         "                  (['search', '--nfe', '5', '--out', 'x.json', '--proxy', 'fd', '--model', '.'],\n"
-        "                   'FD-digits')]:\n"
+        "                   'FD-digits'),\n"
+        "                  (['search', '--nfe', '5', '--out', 'x.json', '--seed-schedule', 'none.json'],\n"
+        "                   'neither a file nor a shipped name')]:\n"
         "    try:\n"
         "        p.parse_args(argv).func(p.parse_args(argv))\n"
         "    except (ValueError, FileNotFoundError) as err:\n"

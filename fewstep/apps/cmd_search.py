@@ -52,6 +52,10 @@ def _check_args(args: argparse.Namespace):
         raise FileNotFoundError(f"--prompts file {args.prompts!r} does not exist")
     if args.model not in ("digits",) and ":" not in args.model and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model!r} is neither 'digits', a pipeline folder nor module:callable")
+    for path in args.seed_schedule or ():
+        from fewstep.samplers.usf_schedule import resolve_schedule_path  # no torch: the format module only
+
+        resolve_schedule_path(path)  # FileNotFoundError naming the file and the shipped names
     log = Path(args.log) if args.log else Path(str(args.out) + ".log.json")
     if log.exists() and not args.resume:
         raise ValueError(f"search log {log} exists: pass --resume to continue it, or remove it")
@@ -81,12 +85,15 @@ def _run(args: argparse.Namespace) -> int:
                               proxy=args.proxy, fd_samples=args.fd_samples, reference_steps=args.reference_steps,
                               predictor=args.predictor, pool=args.pool, v3=not args.no_v3, holdout=args.holdout,
                               validate_top=args.validate_top).check()
+    from fewstep.samplers.usf_schedule import USFSchedule
+
+    seeds = [(f"file:{path}", USFSchedule.load(path)) for path in args.seed_schedule or ()]
     with launched_processes(args.device, name="--device") as (device, acc):
         problem = _problem(args, device)
         main = acc is None or acc.is_main_process
         result = run_search(problem, settings, budget_evals=budget_evals, budget_minutes=budget_minutes,
                             log_path=log, out_path=args.out, resume=args.resume, progress=not args.quiet and main,
-                            accelerator=acc)
+                            accelerator=acc, seeds=seeds)
         best = result.best
         report = None
         if args.holdout:
@@ -128,6 +135,9 @@ def register(subparsers) -> None:
                    help="steps of the DPM-Solver++ 2M reference solve (default: 1000)")
     p.add_argument("--validate-top", type=int, default=8,
                    help="re-score this many of the best on a second batch and keep the best there (default: 8)")
+    p.add_argument("--seed-schedule", action="append", default=None, metavar="SCHEDULE",
+                   help="an extra seed of the first generation: a schedule JSON or a shipped name (e.g. a previous "
+                        "search's best, digits-nfe5); repeatable; it must have --nfe evaluations")
     p.add_argument("--predictor", action="store_true", help="rank proposals with a learned predictor (S^3)")
     p.add_argument("--pool", type=int, default=4, help="predictor: proposals per evaluation (default: 4)")
     p.add_argument("--ems", default="auto",

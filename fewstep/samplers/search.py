@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -561,7 +561,8 @@ def _atomic_json(path: Path, data: dict) -> None:
 def run_search(problem: SearchProblem, settings: SearchSettings, *, budget_evals: int | None = None,
                budget_minutes: float | None = None, log_path: str | os.PathLike | None = None,
                out_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = False,
-               accelerator=None, stop_after_generations: int | None = None) -> SearchResult:
+               accelerator=None, stop_after_generations: int | None = None,
+               seeds: Sequence[tuple[str, USFSchedule]] = ()) -> SearchResult:
     """Search schedules for ``problem`` (see the module docstring).
 
     Args:
@@ -573,6 +574,9 @@ def run_search(problem: SearchProblem, settings: SearchSettings, *, budget_evals
             error. ``out_path``: the best schedule so far, written after every generation.
         accelerator: an ``accelerate.Accelerator`` to score candidates over its processes.
         stop_after_generations: end after that many generations of this call (tests: an interrupt).
+        seeds: extra ``(name, schedule)`` seeds evaluated in generation 0 next to the hand-set ones
+            (e.g. an earlier search's best, or a hand-tuned grid); each must have ``settings.nfe``
+            evaluations and fit the search space (``ValueError`` naming it otherwise).
     """
     settings.check()
     if budget_evals is None and budget_minutes is None:
@@ -596,6 +600,18 @@ def run_search(problem: SearchProblem, settings: SearchSettings, *, budget_evals
         log = {"format": LOG_FORMAT, "version": LOG_VERSION, "key": key, "generation": -1, "seconds": 0.0,
                "reference_seconds": 0.0, "candidates": []}
     space = _Space(problem, settings)
+    extra = []
+    for name, sched in seeds:
+        if sched.uses_v3 and space.ems is None:
+            raise ValueError(f"seed schedule {name!r} has DPM-Solver-v3 steps, but this search has no EMS or "
+                             "v3 is off (settings.v3=False / --no-v3)")
+        norm = space.normalize(copy.deepcopy(sched))
+        if norm is None:
+            raise ValueError(f"seed schedule {name!r} ({sched.nfe} evaluations, v3: {sched.uses_v3}) does not fit "
+                             f"this search: it needs nfe={settings.nfe}, distinct times and, for v3 steps, the "
+                             "problem's EMS with v3 allowed")
+        norm.info = {"seed": name}
+        extra.append((name, norm))
     batch = problem.make_batch(settings.fd_samples if settings.proxy == "fd" else settings.batch, settings.seed)
     t_start = time.perf_counter()
     seconds_before = float(log["seconds"])
@@ -644,7 +660,7 @@ def run_search(problem: SearchProblem, settings: SearchSettings, *, budget_evals
     generations_run = 0
     if log["generation"] < 0:  # generation 0: the seeds
         entries = []
-        for name, s in seed_schedules(problem, settings):
+        for name, s in [*seed_schedules(problem, settings), *extra]:
             k = s.key()
             if k in seen:
                 continue
