@@ -109,10 +109,11 @@ def part_ship(args) -> dict:
         log = cache / f"{name}.log.json"
         minutes = args.minutes if nfe in TARGET_NFES else args.minutes_other
         print(f"--- search {name} ({minutes} min) ---", flush=True)
+        seeds = grid_seeds(problem, nfe) if args.seed_grid else ()
         res = run_search(problem, ship_settings(nfe), budget_minutes=minutes, log_path=log,
-                         resume=log.exists(), progress=not args.quiet)
+                         resume=log.exists(), progress=not args.quiet, seeds=seeds)
         best = res.best
-        best.info["command"] = "python benchmarks/usf_search.py --part ship"
+        best.info["command"] = "python benchmarks/usf_search.py --part ship" + (" --seed-grid" if seeds else "")
         path = best.save(CONFIGS / f"{name}.json")
         shutil.copyfile(path, PACKAGE / f"usf_{name}.json")
         seeds = [c for c in res.candidates if c["origin"].startswith("seed:") and c["score"] is not None]
@@ -126,6 +127,27 @@ def part_ship(args) -> dict:
         print(json.dumps(out[name]), flush=True)
         _save({"ship": out})
     return out
+
+
+def grid_seeds(problem, nfe: int) -> list:
+    """``--seed-grid``: the grid-searched rows of :func:`extra_handset_rows` (v3 and DPM++ 2M on the
+    logsnr[-3,2.5] grid of benchmarks/dpm_v3_grid_search.py, the best hand-set settings at NFE 5-6)
+    exported as extra search seeds."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from dpm_v3_grid_search import grid_fn
+
+    from fewstep.samplers import DPMSolverPPScheduler, DPMSolverV3Scheduler
+    from fewstep.samplers.usf_schedule import schedule_from_scheduler
+    from fewstep.schedule import NoiseSchedule
+
+    cfg = dict(problem.scheduler_config)
+    times = np.asarray(grid_fn(problem.ems, NoiseSchedule.from_config(cfg), "logsnr", lo=-3.0, hi=2.5)(nfe))
+    scheds = {"v3-o2 logsnr[-3,2.5] (grid-searched)": DPMSolverV3Scheduler.from_config(cfg, ems=problem.ems,
+                                                                                        solver_order=2),
+              "dpmpp-2m logsnr[-3,2.5] (grid-searched)": DPMSolverPPScheduler.from_config(cfg, solver_order=2,
+                                                                                          round_timesteps=False)}
+    return [(name, schedule_from_scheduler(sc, ems_name=problem.ems_name, timesteps=times))
+            for name, sc in scheds.items()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -552,6 +574,8 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget at NFE 4-6 (minutes)")
     ap.add_argument("--minutes-other", type=float, default=10.0, help="ship: search budget at NFE 3 and 8")
     ap.add_argument("--only-nfe", type=int, nargs="*", default=None, help="ship: only these NFE")
+    ap.add_argument("--seed-grid", action="store_true",
+                    help="ship: also seed the searches with the grid-searched logsnr[-3,2.5] v3 / 2M schedules")
     ap.add_argument("--only-w", type=float, nargs="*", default=None, help="ship: only these guidance scales")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8])
