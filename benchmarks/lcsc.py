@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_io import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -171,11 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         png = plot_search({k: Path(f) / SEARCH_LOG for k, f in searches.items()},
                           Path(args.out).with_name("lcsc_fitness.png"))
         result["plot"] = str(png) if png else None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    save_json(args.out, result)
     return result
 
 
