@@ -34,9 +34,9 @@ AFS_KINDS = ("none", "zero_x0", "mean_x0")
 MAX_ORDER = 4
 #: short names of the shipped searched schedules -> package-data file (fewstep.models.shipped_file);
 #: the same files are configs/usf/<name with _>.json in the repository
-#: (searched so far: benchmarks/usf_search.py --part ship; its results say which and at what budget)
+#: (all ten of issue 13: benchmarks/usf_search.py --part ship; its results say at what budget)
 SHIPPED = {f"digits{cfg}-nfe{n}": f"usf_digits{cfg.replace('-', '_')}_nfe{n}.json"
-           for cfg, n in (("", 3), ("", 4), ("", 5), ("", 6), ("", 8), ("-cfg2", 4), ("-cfg2", 5))}
+           for cfg in ("", "-cfg2") for n in (3, 4, 5, 6, 8)}
 
 
 def _number(where: str, value, *, integer: bool = False, lo: float | None = None, hi: float | None = None):
