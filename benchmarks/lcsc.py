@@ -166,13 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
             "fitness": rec["search"]["fitness"], "config": rec["search"]["config"],
             "best_search_fitness": rec["search"]["best_fitness"], "checkpoints": len(rec["checkpoints"])}
         print(f"- search cost ({label}): {result['search_cost'][label]}")
+    return save_with_plot(result, args.out, searches, "lcsc_fitness.png")
+
+
+def save_with_plot(result: dict, out: str, searches: dict, png_name: str) -> dict:
+    """Plot the fitness over generations of ``searches`` (label -> `fewstep lcsc` output folder) to
+    ``png_name`` next to ``out`` (``result["plot"]``), then write ``result`` to ``out``."""
     if searches:
         from fewstep.distill.lcsc import SEARCH_LOG, plot_search
 
-        png = plot_search({k: Path(f) / SEARCH_LOG for k, f in searches.items()},
-                          Path(args.out).with_name("lcsc_fitness.png"))
+        png = plot_search({k: Path(f) / SEARCH_LOG for k, f in searches.items()}, Path(out).with_name(png_name))
         result["plot"] = str(png) if png else None
-    save_json(args.out, result)
+    save_json(out, result)
     return result
 
 

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_io import save_json
-from lcsc import RESULTS, _measure, _scorers
+from lcsc import RESULTS, _measure, _scorers, save_with_plot
 
 
 def run(args) -> tuple[dict, dict]:
@@ -120,13 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     if info["search"]:
         print(f"- search: {info['search']['evaluations']} evaluations, "
               f"{info['search']['evaluation_seconds'] / 60:.1f} min of fitness evaluation")
-        from fewstep.distill.lcsc import SEARCH_LOG, plot_search
-
-        png = plot_search({"teacher snapshots": Path(args.search) / SEARCH_LOG},
-                          Path(args.out).with_name("lcsc_teacher_fitness.png"))
-        result["plot"] = str(png) if png else None
-    save_json(args.out, result)
-    return result
+    return save_with_plot(result, args.out, {"teacher snapshots": args.search} if info["search"] else {},
+                          "lcsc_teacher_fitness.png")
 
 
 if __name__ == "__main__":
