@@ -88,10 +88,10 @@ def _set_results(path: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # ship: the searches behind configs/usf
 # ------------------------------------------------------------------------------------------------
-def ship_settings(nfe: int):
+def ship_settings(nfe: int, batch: int = 64):
     from fewstep.samplers.search import SearchSettings
 
-    return SearchSettings(nfe=nfe, population=16, batch=64, seed=0, reference_steps=500, validate_top=16,
+    return SearchSettings(nfe=nfe, population=16, batch=batch, seed=0, reference_steps=500, validate_top=16,
                           holdout=0, predictor=True)
 
 
@@ -110,10 +110,11 @@ def part_ship(args) -> dict:
         minutes = args.minutes if nfe in TARGET_NFES else args.minutes_other
         print(f"--- search {name} ({minutes} min) ---", flush=True)
         seeds = grid_seeds(problem, nfe) if args.seed_grid else ()
-        res = run_search(problem, ship_settings(nfe), budget_minutes=minutes, log_path=log,
+        res = run_search(problem, ship_settings(nfe, args.ship_batch), budget_minutes=minutes, log_path=log,
                          resume=log.exists(), progress=not args.quiet, seeds=seeds)
         best = res.best
-        best.info["command"] = "python benchmarks/usf_search.py --part ship" + (" --seed-grid" if seeds else "")
+        best.info["command"] = ("python benchmarks/usf_search.py --part ship" + (" --seed-grid" if seeds else "")
+                                + (f" --ship-batch {args.ship_batch}" if args.ship_batch != 64 else ""))
         path = best.save(CONFIGS / f"{name}.json")
         shutil.copyfile(path, PACKAGE / f"usf_{name}.json")
         seeds = [c for c in res.candidates if c["origin"].startswith("seed:") and c["score"] is not None]
@@ -574,6 +575,7 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="ship: search budget at NFE 4-6 (minutes)")
     ap.add_argument("--minutes-other", type=float, default=10.0, help="ship: search budget at NFE 3 and 8")
     ap.add_argument("--only-nfe", type=int, nargs="*", default=None, help="ship: only these NFE")
+    ap.add_argument("--ship-batch", type=int, default=64, help="ship: search (and validation) batch size")
     ap.add_argument("--seed-grid", action="store_true",
                     help="ship: also seed the searches with the grid-searched logsnr[-3,2.5] v3 / 2M schedules")
     ap.add_argument("--only-w", type=float, nargs="*", default=None, help="ship: only these guidance scales")

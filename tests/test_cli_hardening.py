@@ -282,9 +282,15 @@ def test_real_sigint_gives_one_line_no_traceback(tmp_path):
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ckpt = tmp_path / "e.checkpoint.pt"
-    deadline = time.time() + 25
+    # signal only once the first batch is checkpointed: the job is then inside its loop (a SIGINT during
+    # the imports of a slow, loaded machine can land in a library's bare `except:` and be lost)
+    deadline = time.time() + 180
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    if not ckpt.exists():
+        proc.kill()
+        pytest.fail(f"no checkpoint after {time.time() - deadline + 180:.0f} s (exit {proc.poll()}): "
+                    f"{proc.communicate()[1][-2000:]}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == INTERRUPTED, err
