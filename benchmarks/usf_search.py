@@ -493,7 +493,7 @@ def part_plot(args) -> dict:
     import matplotlib.pyplot as plt
 
     res = _load()
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    fig, grid = plt.subplots(2, 3, figsize=(17, 9))
     digits, mixture = res.get("digits", {}), res.get("mixture", {})
     summary = {}
     for key, label, with_fd in [(k, f"digits w={v['w']:g}", True) for k, v in sorted(digits.items())] + \
@@ -512,9 +512,12 @@ def part_plot(args) -> dict:
         if with_fd:
             summary[f"{label} nfe{entry['nfe']}"].update({k: s[k] for k in ("usf_fd", "best_handset_fd",
                                                                             "best_handset_fd_row", "fd_target_met")})
-    for ax, (metric, title) in zip(axes[:2], [("rmse", "digits w=1: RMSE to 1000-step reference"),
-                                              ("fd", "digits w=1: FD-digits")]):
-        rows = {k: v for k, v in digits.items() if v["w"] == 1}
+    panels = [(grid[i][j], w, metric, f"digits w={w}: " + ("RMSE to 1000-step reference" if j == 0 else "FD-digits"))
+              for i, w in enumerate((1, 2)) for j, metric in enumerate(("rmse", "fd"))]
+    for ax, w, metric, title in panels:
+        rows = {k: v for k, v in digits.items() if v["w"] == w}
+        if not rows:
+            continue
         nfes = sorted(v["nfe"] for v in rows.values())
         by_nfe = {v["nfe"]: v for v in rows.values()}
 
@@ -530,20 +533,20 @@ def part_plot(args) -> dict:
             if got:
                 vals = [_mean(next(r for k, r in by_nfe[n]["rows"].items() if k.startswith(name))[metric]) for n in got]
                 ax.plot(got, vals, ":", marker=".", label=name)
-        ref = res.get("reference", {}).get("w1")
+        ref = res.get("reference", {}).get(f"w{w}")
         if metric == "fd" and ref:
             ax.axhline(ref["fd_mean"], color="k", lw=0.8, label=f"{ref['steps']}-step reference itself")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    ax = axes[2]
+    ax = grid[0][2]
     for nfe_key, e in sorted(mixture.items()):
         ax.bar([f"{e['nfe']} usf", f"{e['nfe']} hand"], [e["summary"]["usf_rmse"], e["summary"]["best_handset_rmse"]])
     ax.set_yscale("log")
     ax.set_title("mixture d64: RMSE to the exact ODE solution")
     pred = res.get("predictor", {}).get("runs", {})
-    ax = axes[3]
+    ax = grid[1][2]
     for name, run in sorted(pred.items()):
         ax.plot(range(1, len(run["best_so_far"]) + 1), run["best_so_far"], "-" if name.startswith("with ") else "--",
                 label=name)
