@@ -280,10 +280,12 @@ def test_real_sigint_gives_one_line_no_traceback(tmp_path):
            "--quiet", "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
            "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIG_DFL in the child: a test run started in the background (`cmd &`) inherits an ignored SIGINT, and
+    # Python then installs no KeyboardInterrupt handler, so the job would just finish (exit 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "e.checkpoint.pt"
-    # signal only once the first batch is checkpointed: the job is then inside its loop (a SIGINT during
-    # the imports of a slow, loaded machine can land in a library's bare `except:` and be lost)
+    # signal only once the first batch is checkpointed: the job is then inside its loop, whatever the load
     deadline = time.time() + 180
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
