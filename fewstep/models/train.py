@@ -3,7 +3,7 @@
 Both trainers take a config dict (defaults below, copied in ``configs/digits_teacher.json``) and
 a seed, train on the ``"train"`` split of :func:`fewstep.models.digits.load_digits_split` only,
 run single-threaded on CPU by default (``torch.set_num_threads(1)``) so that a rerun with the
-same config and seed reproduces the shipped weights (to float rounding: a rerun on another machine
+same config and seed reproduces the shipped weights (to float rounding: a later rerun
 with the same torch differed by at most 6e-6 per weight), show a tqdm progress bar, and write a
 checkpoint every ``checkpoint_every`` steps into ``work_dir`` so that an interrupted run resumes
 where it stopped (the checkpoint stores model, EMA, optimiser, step and RNG states). The teacher
