@@ -356,9 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import diffusers
 
-    from fewstep.eval.fd_digits import DigitsFeatures
-    from fewstep.eval.frechet import FeatureStats
-    from fewstep.models import load_digits_split
+    from fewstep.eval.fd_digits import DigitsFeatures, reference_stats
 
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -374,9 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "diffusers": diffusers.__version__, "threads": args.threads,
                    "protocol": __doc__.split("Usage::")[0].strip()})
     extractor = DigitsFeatures()
-    x_test, _ = load_digits_split("test")
-    with torch.no_grad():
-        reference = FeatureStats.from_features(extractor.embed(x_test), extractor.meta())
+    reference = reference_stats(extractor)
 
     def progress(msg):
         print(msg, flush=True)

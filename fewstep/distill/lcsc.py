@@ -110,15 +110,11 @@ class DigitsFDFitness(_DigitsSamples):
     name = "fd"
 
     def __init__(self, pipeline, nfe: int = 1, num_samples: int = 500, noise_seed: int = 7, **kw):
-        from fewstep.eval.fd_digits import DigitsFeatures
-        from fewstep.eval.frechet import FeatureStats
-        from fewstep.models.digits import load_digits_split
+        from fewstep.eval.fd_digits import DigitsFeatures, reference_stats
 
         super().__init__(pipeline, nfe, num_samples, noise_seed, **kw)
         self.extractor = DigitsFeatures()
-        x_test, _ = load_digits_split("test")
-        with torch.no_grad():
-            self.reference = FeatureStats.from_features(self.extractor.embed(x_test).cpu(), self.extractor.meta())
+        self.reference = reference_stats(self.extractor)
 
     def score(self, pipeline=None, steps: int | None = None) -> dict:
         """``{"fd", "acc"}`` of ``pipeline`` (default: this one) at ``steps`` (default ``nfe``)."""

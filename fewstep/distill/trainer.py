@@ -203,9 +203,7 @@ class DigitsEvaluator:
     multistep sampling draws from ``eval.seed + 1``), against the 360 held-out test digits."""
 
     def __init__(self, source, ecfg: dict, device):
-        from fewstep.eval.fd_digits import DigitsFeatures
-        from fewstep.eval.frechet import FeatureStats
-        from fewstep.models.digits import load_digits_split
+        from fewstep.eval.fd_digits import DigitsFeatures, reference_stats
 
         self.source, self.cfg, self.device = source, ecfg, device
         n = ecfg["num_samples"]
@@ -214,9 +212,7 @@ class DigitsEvaluator:
         self.cond = source.eval_cond(n)
         self.labels = self.cond["class_labels"].cpu()
         self.extractor = DigitsFeatures()
-        x_test, _ = load_digits_split("test")
-        with torch.no_grad():
-            self.reference = FeatureStats.from_features(self.extractor.embed(x_test).cpu(), self.extractor.meta())
+        self.reference = reference_stats(self.extractor)
 
     def _score(self, images: torch.Tensor) -> dict:
         from fewstep.eval.fd_digits import fd_digits

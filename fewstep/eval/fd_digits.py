@@ -190,6 +190,25 @@ def digits_reference_images(size: int = 8, split: str = "test") -> tuple[torch.T
     return u8.expand(-1, 3, -1, -1).contiguous(), y
 
 
+@torch.no_grad()
+def reference_stats(extractor: DigitsFeatures | None = None, reference: FeatureStats | torch.Tensor | None = None,
+                    batch_size: int = 500) -> FeatureStats:
+    """The reference statistics FD-digits compares against: ``reference`` as given when it already is
+    :class:`FeatureStats`, else the ``extractor`` features (float64 mean and covariance) of the real
+    images ``reference`` in [-1, 1] (M, 1, 8, 8), by default the held-out ``load_digits_split("test")``.
+    Compute it once and pass it as ``reference=`` when scoring many sample sets."""
+    if isinstance(reference, FeatureStats):
+        return reference
+    extractor = extractor if extractor is not None else DigitsFeatures()
+    if reference is None:
+        from fewstep.models.digits import load_digits_split
+
+        reference = load_digits_split("test")[0]
+    feats = torch.cat([extractor.embed(reference[i : i + batch_size]).cpu()
+                       for i in range(0, len(reference), batch_size)])
+    return FeatureStats.from_features(feats, extractor.meta())
+
+
 def fd_digits(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -258,15 +277,7 @@ def fd_digits_from_stats(
         ``{"fd": float, "accuracy": float | None, "n": N, "n_ref": M}``.
     """
     extractor = extractor if extractor is not None else DigitsFeatures()
-    if reference is None:
-        from fewstep.models.digits import load_digits_split
-
-        reference = load_digits_split("test")[0]
-    if isinstance(reference, torch.Tensor):
-        ref_feats = torch.cat(
-            [extractor.embed(reference[i : i + batch_size]).cpu() for i in range(0, len(reference), batch_size)]
-        )
-        reference = FeatureStats.from_features(ref_feats, extractor.meta())
+    reference = reference_stats(extractor, reference, batch_size)
     check_sample_size(gen.n, gen.dim, "generated images")
     check_sample_size(reference.n, reference.dim, "reference images")
     out = {"fd": gen.frechet_distance(reference), "accuracy": None, "n": gen.n, "n_ref": reference.n}
