@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -291,8 +292,6 @@ def _save_snapshot(work_dir: Path, step: int, model, ema, **meta) -> None:
 
     tmp = tmp_dir(work_dir, step)
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_weights(tmp / "teacher.safetensors", model.state_dict())
@@ -303,8 +302,6 @@ def _save_snapshot(work_dir: Path, step: int, model, ema, **meta) -> None:
 def _save_final(folder: Path, ema) -> None:
     """The final EMA teacher as a diffusers ``UNet2DModel`` folder (``from_pretrained``-loadable),
     replaced as a whole."""
-    import shutil
-
     tmp = folder.with_name(f".tmp-{folder.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
